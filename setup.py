@@ -1,0 +1,119 @@
+"""Build and install gfdm-fast.
+
+The C++ extension ``gfdm_fast._C`` (csrc/*.cpp, OpenMP) is always built. CUDA
+kernels (csrc/*.cu) are added when nvcc and a CUDA build of torch with the same
+CUDA major version are present. Switches:
+
+  GFDM_FORCE_CUDA=1   build the CUDA kernels even without a visible GPU
+  GFDM_SKIP_CUDA=1    never build the CUDA kernels
+  GFDM_CUDA_ARCHS     e.g. "80;90" (default: torch's TORCH_CUDA_ARCH_LIST or 80;90)
+  MAX_JOBS            parallel compile jobs (torch's convention)
+
+A missing compiler for the CUDA part never fails the install: it warns and
+builds the CPU part only.
+"""
+import glob
+import os
+import re
+import subprocess
+import sys
+import warnings
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _env_flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _nvcc_major(cuda_home):
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    try:
+        out = subprocess.check_output([nvcc, "--version"], text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return int(m.group(1)) if m else None
+
+
+def _want_cuda(torch, cuda_home):
+    """Decide whether to build the CUDA kernels; return (bool, reason)."""
+    if _env_flag("GFDM_SKIP_CUDA"):
+        return False, "GFDM_SKIP_CUDA=1"
+    if torch.version.cuda is None:
+        return False, "torch is a CPU-only build"
+    if cuda_home is None:
+        return False, "nvcc not found (set CUDA_HOME to the toolkit root)"
+    major = _nvcc_major(cuda_home)
+    torch_major = int(torch.version.cuda.split(".")[0])
+    if major != torch_major:
+        return False, f"nvcc is CUDA {major}, torch was built with CUDA {torch.version.cuda}"
+    if _env_flag("GFDM_FORCE_CUDA") or torch.cuda.is_available():
+        return True, "ok"
+    return False, "no GPU visible (GFDM_FORCE_CUDA=1 builds anyway)"
+
+
+def _extensions():
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        warnings.warn("torch is not installed: building gfdm-fast without its C++ extension "
+                      "(install torch first, then reinstall with --no-build-isolation)")
+        return [], {}
+    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    if not cpp:
+        return [], {}
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx = ["-O3", "-std=c++17", *openmp]
+    use_cuda, why = _want_cuda(torch, CUDA_HOME)
+    if use_cuda and cu:
+        archs = os.environ.get("GFDM_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
+        gencode = []
+        for a in archs.replace(",", ";").split(";"):
+            a = a.strip().replace(".", "").replace("+PTX", "")
+            if a:
+                gencode += [f"-gencode=arch=compute_{a},code=sm_{a}"]
+        ext = CUDAExtension(
+            "gfdm_fast._C", cpp + cu,
+            define_macros=[("GFDM_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", *gencode]},
+            extra_link_args=openmp,
+        )
+    else:
+        if cu:
+            warnings.warn(f"gfdm-fast: skipping the CUDA kernels ({why}); building the CPU kernels only")
+        ext = CppExtension("gfdm_fast._C", cpp, extra_compile_args=cxx, extra_link_args=openmp)
+    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="gfdm-fast",
+    version="0.1.0",
+    description="Fast sampling, training and evaluation for Generative Fractional Diffusion Models",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["gfdm_fast", "gfdm_fast.*"]) + ["gfdm_fast.kernels"],
+    package_dir={"gfdm_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "numpy",
+        "scipy",
+        "pytorch-fid",
+        "tqdm",
+        "pillow",
+        "scikit-learn",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["gfdm-fast = gfdm_fast.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
