@@ -157,3 +157,60 @@ def sample_em(model, dyn: Dynamics, z_T, noise, *, steps, eps=1e-3, mode="sde", 
         if mode == "sde" and n < steps - 1:
             z = z + G * (sqrt_dt * noise[:, n + 1])[..., None]
     return z
+
+
+# ---- planar twins of the fused ops (state (K+1, B, C, H, W), X first) -----------------------------
+# These define what every backend of gfdm_fast.ops computes; see gfdm_fast.schedule for the row layout.
+
+def _row(table, step):
+    """Row ``step`` of a step table without a host sync (step: int or 0-d integer tensor)."""
+    step = torch.as_tensor(step, device=table.device).reshape(1).to(torch.int64)
+    return table.index_select(0, step)[0]
+
+
+def em_step_planar(z, e, x_in, table, step, seeds=None, noise=None):
+    """One fused Euler-Maruyama step in place: z (K+1, B, C, H, W) <- update, x_in <- next network input.
+
+    ``noise`` (B, C, H, W) overrides the Philox draw (stream 0, counter step) from ``seeds`` (B,).
+    """
+    from gfdm_fast import schedule as S
+    from gfdm_fast.philox import STREAM_EM, philox_normal
+    K = z.shape[0] - 1
+    r = _row(table, step).to(z.dtype)
+    X, Y = z[0], z[1:]
+    o = S.EM_FIXED
+    b, a_y, q, a_next = (r[o + i * K:o + (i + 1) * K].reshape(K, 1, 1, 1, 1) for i in range(4))
+    gs = r[S.COL_U] * e - (q * Y).sum(0)
+    if noise is None:
+        B = z.shape[1]
+        noise = philox_normal(seeds, step, STREAM_EM, X[0].numel()).reshape(X.shape).to(z.dtype)
+    Xn = r[S.COL_AX] * X + (b * Y).sum(0) + r[S.COL_CG0] * gs + r[S.COL_NX] * noise
+    Yn = a_y * Y + r[S.COL_C] * gs + r[S.COL_NY] * noise
+    z[0].copy_(Xn)
+    z[1:].copy_(Yn)
+    x_in.copy_(Xn - (a_next * Yn).sum(0))
+
+
+def prior_planar(z, x_in, prior, seeds=None, noise=None):
+    """z_T = L xi per pixel (xi: Philox stream 1, component j for Z_j, or ``noise`` (K+1, B, C, H, W)), x_in = X - alpha_0 . Y."""
+    from gfdm_fast.philox import STREAM_PRIOR, philox_normal
+    K = z.shape[0] - 1
+    p = prior.to(z.dtype)
+    L = p[:(K + 1) ** 2].reshape(K + 1, K + 1)
+    alpha0 = p[(K + 1) ** 2:].reshape(K, 1, 1, 1, 1)
+    if noise is None:
+        numel = z[0, 0].numel()
+        noise = torch.stack([philox_normal(seeds, 0, STREAM_PRIOR, numel, component=j).reshape(z.shape[1:])
+                             for j in range(K + 1)]).to(z.dtype)
+    zn = torch.einsum("ij,j...->i...", L, noise)
+    z.copy_(zn)
+    x_in.copy_(zn[0] - (alpha0 * zn[1:]).sum(0))
+
+
+def noising(x0, mean_scale, sigma_c, seeds=None, step=0, eps=None):
+    """Training input ``c x0 + sigma_c eps`` and its target eps (Philox stream 2 unless ``eps`` is given)."""
+    from gfdm_fast.philox import STREAM_TRAIN, philox_normal
+    if eps is None:
+        eps = philox_normal(seeds, step, STREAM_TRAIN, x0[0].numel()).reshape(x0.shape).to(x0.dtype)
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    return mean_scale.to(x0.dtype).reshape(shape) * x0 + sigma_c.to(x0.dtype).reshape(shape) * eps, eps

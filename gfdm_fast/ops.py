@@ -1,0 +1,229 @@
+"""Fused GFDM ops with one dispatch: Triton, C++ (CPU), CUDA extension, or the torch reference.
+
+Every op is registered with ``torch.library`` (mutating custom ops with fake
+implementations) so ``torch.compile`` traces through it and a whole sampler
+step can be captured in a CUDA graph. Arguments are checked here, once, with
+messages that name the fix; the backends assume checked input.
+
+Backends: ``torch`` (gfdm_fast.reference, always), ``cpp`` (gfdm_fast._C, CPU
+tensors), ``cuda`` (gfdm_fast._C built with nvcc, CUDA tensors), ``triton``
+(CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). ``auto`` picks the
+fastest available for the device; ``GFDM_BACKEND`` overrides it.
+"""
+import importlib
+import os
+from typing import Optional
+
+import torch
+
+from gfdm_fast import reference as ref
+from gfdm_fast import schedule as S
+
+BACKENDS = ("torch", "cpp", "cuda", "triton")
+_IMPLS = {"torch": {"em_step": ref.em_step_planar, "prior": ref.prior_planar}}
+_LOAD_ERRORS = {}
+
+
+def _noising_torch(x0, mean_scale, sigma_c, seeds, step, x_in, eps_out, eps):
+    xi, e = ref.noising(x0, mean_scale, sigma_c, seeds, step, eps)
+    x_in.copy_(xi)
+    eps_out.copy_(e)
+
+
+_IMPLS["torch"]["noising"] = _noising_torch
+
+
+def register_backend(name, impls):
+    """Called by a backend module on import: ``impls`` maps op name -> function with the torch twin's signature."""
+    _IMPLS.setdefault(name, {}).update(impls)
+
+
+def _try_load(name):
+    if name in _IMPLS or name in _LOAD_ERRORS:
+        return name in _IMPLS
+    module = {"cpp": "gfdm_fast.kernels_cpp", "cuda": "gfdm_fast.kernels_cpp", "triton": "gfdm_fast.kernels"}[name]
+    try:
+        importlib.import_module(module)
+    except Exception as err:  # a missing or broken optional backend is never fatal
+        _LOAD_ERRORS[name] = f"{type(err).__name__}: {err}"
+    if name not in _IMPLS and name not in _LOAD_ERRORS:
+        _LOAD_ERRORS[name] = "not built"
+    return name in _IMPLS
+
+
+def _triton_runs_on(device_type):
+    if device_type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def available_backends(device="cpu"):
+    """Backends that can run ops on tensors of ``device``, fastest first."""
+    dev = torch.device(device).type
+    order = ("cuda", "triton", "torch") if dev == "cuda" else ("cpp", "triton", "torch")
+    out = []
+    for name in order:
+        if name == "cuda" and dev != "cuda" or name == "cpp" and dev != "cpu":
+            continue
+        if name == "triton" and not _triton_runs_on(dev):
+            continue
+        if name == "torch" or _try_load(name):
+            out.append(name)
+    return out
+
+
+def resolve_backend(backend, device):
+    """'auto' -> the fastest backend for ``device`` (GFDM_BACKEND overrides); validate explicit names."""
+    avail = available_backends(device)
+    if backend in (None, "auto"):
+        env = os.environ.get("GFDM_BACKEND")
+        if env and env != "auto":
+            backend = env
+        else:
+            # the Triton interpreter is for testing; on a CPU it never wins 'auto'
+            fast = [b for b in avail if not (b == "triton" and torch.device(device).type == "cpu")]
+            return fast[0]
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose auto or one of {', '.join(BACKENDS)}")
+    if backend not in avail:
+        why = _LOAD_ERRORS.get(backend, "not available for this device")
+        hint = {"cpp": "reinstall with `pip install --no-build-isolation -e .` to build the C++ extension",
+                "cuda": "needs a GPU and the extension built with nvcc (GFDM_FORCE_CUDA=1)",
+                "triton": "needs a CUDA device, or TRITON_INTERPRET=1 for CPU tensors"}.get(backend, "")
+        raise ValueError(f"backend {backend!r} is not available on {torch.device(device).type} ({why}); "
+                         f"available: {', '.join(avail)}. {hint}".strip())
+    return backend
+
+
+# ---- argument checks ----------------------------------------------------------------------------
+def _need(cond, msg):
+    if not cond:
+        raise ValueError(msg)
+
+
+def _check_tensor(name, x, shape, dtype, device):
+    _need(isinstance(x, torch.Tensor), f"{name} must be a tensor")
+    _need(tuple(x.shape) == tuple(shape), f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    _need(x.dtype == dtype, f"{name} must be {dtype}, got {x.dtype}")
+    _need(x.device == device, f"{name} is on {x.device} but the state is on {device}: move it with .to({str(device)!r})")
+    _need(x.is_contiguous(), f"{name} must be contiguous: pass {name}.contiguous()")
+
+
+def _check_state(z, num_aug=None):
+    _need(isinstance(z, torch.Tensor) and z.dim() == 5,
+          f"z must be the planar augmented state (K+1, B, C, H, W), got {tuple(getattr(z, 'shape', ()))}")
+    _need(z.dtype in (torch.float32, torch.float64), f"z must be float32 (or float64 for the torch backend), got {z.dtype}")
+    _need(z.is_contiguous(), "z must be contiguous: pass z.contiguous()")
+    if num_aug is not None:
+        _need(z.shape[0] == num_aug + 1, f"z has K+1 = {z.shape[0]} planes but the step table was built for "
+                                         f"num_aug = {num_aug}: build the table from the same dynamics")
+
+
+def _check_seeds_noise(seeds, noise, B, shape, device):
+    if noise is not None:
+        _check_tensor("noise", noise, shape, noise.dtype, device)
+    else:
+        _need(seeds is not None, "pass per-image seeds (B,) int64 or explicit noise")
+        _check_tensor("seeds", seeds, (B,), torch.int64, device)
+
+
+def _step_tensor(step, device):
+    if isinstance(step, torch.Tensor):
+        _need(step.numel() == 1 and not step.is_floating_point(), "step must be an integer (or a 1-element integer tensor)")
+        return step.reshape(()).to(device=device, dtype=torch.int64)
+    return torch.tensor(int(step), dtype=torch.int64, device=device)
+
+
+# ---- registered custom ops ----------------------------------------------------------------------
+@torch.library.custom_op("gfdm::em_step", mutates_args=("z", "x_in"))
+def _em_step_op(z: torch.Tensor, e: torch.Tensor, x_in: torch.Tensor, table: torch.Tensor, step: torch.Tensor,
+                seeds: Optional[torch.Tensor], noise: Optional[torch.Tensor], backend: str) -> None:
+    _IMPLS[backend]["em_step"](z, e, x_in, table, step, seeds, noise)
+
+
+@_em_step_op.register_fake
+def _(z, e, x_in, table, step, seeds, noise, backend):
+    return None
+
+
+@torch.library.custom_op("gfdm::prior", mutates_args=("z", "x_in"))
+def _prior_op(z: torch.Tensor, x_in: torch.Tensor, prior: torch.Tensor, seeds: Optional[torch.Tensor],
+              noise: Optional[torch.Tensor], backend: str) -> None:
+    _IMPLS[backend]["prior"](z, x_in, prior, seeds, noise)
+
+
+@_prior_op.register_fake
+def _(z, x_in, prior, seeds, noise, backend):
+    return None
+
+
+@torch.library.custom_op("gfdm::noising", mutates_args=("x_in", "eps_out"))
+def _noising_op(x0: torch.Tensor, mean_scale: torch.Tensor, sigma_c: torch.Tensor, seeds: Optional[torch.Tensor],
+                step: torch.Tensor, x_in: torch.Tensor, eps_out: torch.Tensor, eps: Optional[torch.Tensor], backend: str) -> None:
+    _IMPLS[backend]["noising"](x0, mean_scale, sigma_c, seeds, step, x_in, eps_out, eps)
+
+
+@_noising_op.register_fake
+def _(x0, mean_scale, sigma_c, seeds, step, x_in, eps_out, eps, backend):
+    return None
+
+
+# ---- public functions ---------------------------------------------------------------------------
+def em_step(z, e, x_in, table, step, seeds=None, noise=None, *, backend="auto"):
+    """Fused Euler-Maruyama step (gfdm_fast.schedule row layout): updates ``z`` in place, writes ``x_in``.
+
+    ``table`` is a StepTable or its (N, 6+4K) tensor; ``step`` an int or 0-d integer tensor.
+    """
+    if isinstance(table, S.StepTable):
+        _need(table.solver == "em", f"em_step needs an Euler-Maruyama table, got solver {table.solver!r}")
+        table = table.table
+    _check_state(z)
+    K, B = z.shape[0] - 1, z.shape[1]
+    img = tuple(z.shape[1:])
+    _need(isinstance(table, torch.Tensor) and table.dim() == 2, "table must be a (steps, 6+4K) step table")
+    _need(table.shape[1] == S.em_row_width(K),
+          f"the step table has rows of {table.shape[1]} coefficients, but z has K = {K} (rows of {S.em_row_width(K)}): "
+          f"build the table from the dynamics that made z")
+    _check_tensor("table", table, table.shape, z.dtype, z.device)
+    _check_tensor("e", e, img, z.dtype, z.device)
+    _check_tensor("x_in", x_in, img, z.dtype, z.device)
+    _check_seeds_noise(seeds, noise, B, img, z.device)
+    if noise is not None:
+        _need(noise.dtype == z.dtype, f"noise must be {z.dtype}, got {noise.dtype}")
+    backend = resolve_backend(backend, z.device)
+    _need(backend == "torch" or z.dtype == torch.float32, f"backend {backend!r} computes in float32; use backend='torch' for float64")
+    _em_step_op(z, e, x_in, table, _step_tensor(step, z.device), seeds, noise, backend)
+
+
+def prior_draw(z, x_in, prior, seeds=None, noise=None, *, backend="auto"):
+    """z_T ~ N(0, Sreg(T)) per pixel into ``z`` (K+1, B, C, H, W) and the first network input into ``x_in``."""
+    if isinstance(prior, S.StepTable):
+        prior = prior.prior
+    _check_state(z)
+    K, B = z.shape[0] - 1, z.shape[1]
+    img = tuple(z.shape[1:])
+    _need(isinstance(prior, torch.Tensor) and prior.shape == ((K + 1) ** 2 + K,),
+          f"prior must hold (K+1)^2 + K = {(K + 1) ** 2 + K} coefficients for K = {K}, got {tuple(prior.shape)}: "
+          f"build it from the dynamics that made z")
+    _check_tensor("prior", prior, prior.shape, z.dtype, z.device)
+    _check_tensor("x_in", x_in, img, z.dtype, z.device)
+    _check_seeds_noise(seeds, noise, B, tuple(z.shape), z.device)
+    backend = resolve_backend(backend, z.device)
+    _need(backend == "torch" or z.dtype == torch.float32, f"backend {backend!r} computes in float32; use backend='torch' for float64")
+    _prior_op(z, x_in, prior, seeds, noise, backend)
+
+
+def noising(x0, mean_scale, sigma_c, seeds=None, step=0, eps=None, *, backend="auto"):
+    """Training pair of the reduced loss: returns (``c x0 + sigma_c eps``, eps), eps from Philox stream 2 or given."""
+    _need(isinstance(x0, torch.Tensor) and x0.dim() >= 2, "x0 must be a (B, ...) tensor")
+    _need(x0.dtype in (torch.float32, torch.float64), f"x0 must be float32, got {x0.dtype}")
+    x0 = x0.contiguous()
+    B = x0.shape[0]
+    for name, v in (("mean_scale", mean_scale), ("sigma_c", sigma_c)):
+        _check_tensor(name, v, (B,), x0.dtype, x0.device)
+    _check_seeds_noise(seeds, eps, B, tuple(x0.shape), x0.device)
+    backend = resolve_backend(backend, x0.device)
+    _need(backend == "torch" or x0.dtype == torch.float32, f"backend {backend!r} computes in float32; use backend='torch' for float64")
+    x_in, eps_out = torch.empty_like(x0), torch.empty_like(x0)
+    _noising_op(x0, mean_scale, sigma_c, seeds, _step_tensor(step, x0.device), x_in, eps_out, eps, backend)
+    return x_in, eps_out

@@ -1,0 +1,187 @@
+"""Every backend of every fused op against the float64 torch reference.
+
+Tolerance rule (flash-attention's): a backend's max error against the float64
+oracle may be at most twice that of the float32 torch reference, plus a floor
+of a few float32 ulps of the output's scale.
+"""
+import os
+
+import pytest
+import torch
+
+from gfdm_fast import make_dynamics, ops
+from gfdm_fast import reference as ref
+from gfdm_fast import schedule as S
+from gfdm_fast.philox import STREAM_EM, STREAM_PRIOR, STREAM_TRAIN, philox_normal
+
+SHAPES = [(5, 3, 7, 9), (2, 1, 4, 4)]
+
+
+def backend_or_skip(name, device="cpu"):
+    """cpp and triton (interpreted) must exist on a CPU machine; cuda skips cleanly without a GPU."""
+    if name == "cuda" or device == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA device")
+    avail = ops.available_backends(device)
+    if name not in avail:
+        pytest.fail(f"backend {name} unavailable on {device}: {ops._LOAD_ERRORS.get(name)}")
+    return name
+
+
+def device_for(backend):
+    return "cuda" if backend == "cuda" else "cpu"
+
+
+FAST = ["cpp", "triton", "cuda"]
+
+
+def assert_calibrated(out, out32, out64, what):
+    """max|out - out64| <= 2 max|out32 - out64| + 4 ulp(scale); report mismatches."""
+    out, out32, out64 = out.double().cpu(), out32.double().cpu(), out64.double().cpu()
+    assert torch.isfinite(out).all(), f"{what}: non-finite output (poisoned values left?)"
+    scale = out64.abs().max().item()
+    bound = 2 * (out32 - out64).abs().max().item() + 4 * 2 ** -23 * scale
+    err = (out - out64).abs()
+    bad = err > bound
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.numel()} elements off by more than {bound:.3g} "
+                           f"(max {err.max().item():.3g}); first at {tuple(torch.nonzero(bad)[0].tolist())}")
+
+
+def _table(K, mode, steps=10, name="fvp"):
+    dyn = make_dynamics(name, hurst=0.7 if K else 0.5, num_aug=K)
+    return (S.build_em_table(dyn, steps, mode=mode, dtype=torch.float32),
+            S.build_em_table(dyn, steps, mode=mode, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", FAST + ["torch"])
+@pytest.mark.parametrize("K", range(6))
+@pytest.mark.parametrize("mode", ["sde", "ode"])
+def test_em_step_matches_reference(backend, K, mode):
+    dev = device_for(backend_or_skip(backend))
+    gen = torch.Generator().manual_seed(1000 * K + (mode == "ode"))
+    t32, t64 = _table(K, mode, name="fve" if K % 2 else "fvp")
+    for shape in SHAPES:
+        B = shape[0]
+        z0 = torch.randn(K + 1, *shape, generator=gen, dtype=torch.float64)
+        e = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        seeds = torch.randint(0, 2 ** 62, (B,), generator=gen)
+        for step in (0, 4, t32.steps - 1):
+            for explicit in (False, True):
+                noise = torch.randn(*shape, generator=gen) if explicit else None
+                noise64 = noise.double() if explicit else philox_normal(seeds, step, STREAM_EM, z0[0, 0].numel()).reshape(shape).double()
+                z64, x64 = z0.clone(), torch.empty(shape, dtype=torch.float64)
+                ref.em_step_planar(z64, e, x64, t64.table, step, noise=noise64)
+                z32, x32 = z0.float(), torch.empty(shape)
+                ref.em_step_planar(z32, e.float(), x32, t32.table, step, seeds, noise)
+                z, x = z0.float().to(dev), torch.full(shape, float("nan"), device=dev)
+                ops.em_step(z, e.float().to(dev), x, t32.table.to(dev), step, seeds.to(dev),
+                            None if noise is None else noise.to(dev), backend=backend)
+                tag = f"{backend} K={K} {mode} {shape} step={step} explicit={explicit}"
+                assert_calibrated(z, z32, z64, "z " + tag)
+                assert_calibrated(x, x32, x64, "x_in " + tag)
+
+
+@pytest.mark.parametrize("backend", FAST + ["torch"])
+def test_philox_noise_identical_across_backends(backend):
+    """A row whose only nonzero coefficient is nx = 1 turns the step into the noise itself."""
+    dev = device_for(backend_or_skip(backend))
+    shape = (3, 2, 5, 7)
+    row = torch.zeros(1, S.em_row_width(1))
+    row[0, S.COL_NX] = 1.0
+    seeds = torch.tensor([0, 1, 2 ** 40 + 5], dtype=torch.int64)
+    z = torch.zeros(2, *shape, device=dev)
+    x = torch.full(shape, float("nan"), device=dev)
+    ops.em_step(z, torch.zeros(shape, device=dev), x, row.to(dev), 0, seeds.to(dev), backend=backend)
+    want = philox_normal(seeds, 0, STREAM_EM, 2 * 5 * 7).reshape(shape)
+    torch.testing.assert_close(z[0].cpu(), want, rtol=2e-6, atol=2e-6)   # float32 log/cos ulps only
+    # and the step counter matters: step 1 gives other numbers
+    assert not torch.allclose(philox_normal(seeds, 1, STREAM_EM, 70), want.reshape(3, -1))
+
+
+@pytest.mark.parametrize("backend", FAST + ["torch"])
+@pytest.mark.parametrize("K", [0, 1, 3, 5])
+def test_prior_matches_reference(backend, K):
+    dev = device_for(backend_or_skip(backend))
+    dyn = make_dynamics("fvp", hurst=0.9 if K else 0.5, num_aug=K)
+    p64 = torch.tensor(S.prior_vector(dyn, 1.0), dtype=torch.float64)
+    shape = (5, 3, 7, 9)
+    seeds = torch.arange(10, 15, dtype=torch.int64)
+    noise = torch.stack([philox_normal(seeds, 0, STREAM_PRIOR, 189, component=j).reshape(shape) for j in range(K + 1)])
+    z64, x64 = torch.empty(K + 1, *shape, dtype=torch.float64), torch.empty(shape, dtype=torch.float64)
+    ref.prior_planar(z64, x64, p64, noise=noise.double())
+    z32, x32 = torch.empty(K + 1, *shape), torch.empty(shape)
+    ref.prior_planar(z32, x32, p64.float(), seeds)
+    z = torch.full((K + 1, *shape), float("nan"), device=dev)
+    x = torch.full(shape, float("nan"), device=dev)
+    ops.prior_draw(z, x, p64.float().to(dev), seeds.to(dev), backend=backend)
+    assert_calibrated(z, z32, z64, f"prior z {backend} K={K}")
+    assert_calibrated(x, x32, x64, f"prior x_in {backend} K={K}")
+
+
+@pytest.mark.parametrize("backend", FAST + ["torch"])
+def test_noising_matches_reference(backend):
+    dev = device_for(backend_or_skip(backend))
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.rand(5, 3, 7, 9, generator=gen, dtype=torch.float64) * 2 - 1
+    c = torch.rand(5, generator=gen, dtype=torch.float64)
+    sig = torch.rand(5, generator=gen, dtype=torch.float64)
+    seeds = torch.arange(5, dtype=torch.int64) * 7919
+    eps = philox_normal(seeds, 11, STREAM_TRAIN, 189).reshape(x0.shape).double()
+    x64, _ = ref.noising(x0, c, sig, eps=eps)
+    x32, e32 = ref.noising(x0.float(), c.float(), sig.float(), seeds, 11)
+    x, e = ops.noising(x0.float().to(dev), c.float().to(dev), sig.float().to(dev), seeds.to(dev), 11, backend=backend)
+    assert_calibrated(x, x32, x64, f"noising {backend}")
+    torch.testing.assert_close(e.cpu(), e32, rtol=2e-6, atol=2e-6)
+    given = torch.randn(x0.shape, generator=gen)
+    x, e = ops.noising(x0.float().to(dev), c.float().to(dev), sig.float().to(dev), eps=given.to(dev), backend=backend)
+    assert torch.equal(e.cpu(), given)
+    torch.testing.assert_close(x.cpu(), (c[:, None, None, None] * x0 + sig[:, None, None, None] * given).float())
+
+
+def test_bad_input_messages():
+    t32, _ = _table(2, "sde")
+    z = torch.zeros(3, 2, 1, 4, 4)
+    e, x, seeds = torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"z must be the planar augmented state"):
+        ops.em_step(z[0], e, x, t32, 0, seeds)
+    with pytest.raises(ValueError, match=r"e must have shape \(2, 1, 4, 4\)"):
+        ops.em_step(z, e[:1], x, t32, 0, seeds)
+    with pytest.raises(ValueError, match="e must be torch.float32"):
+        ops.em_step(z, e.double(), x, t32, 0, seeds)
+    with pytest.raises(ValueError, match="x_in must be contiguous"):
+        ops.em_step(z, e, torch.zeros(2, 1, 4, 8)[..., ::2], t32, 0, seeds)
+    with pytest.raises(ValueError, match="built for|rows of"):
+        ops.em_step(torch.zeros(4, 2, 1, 4, 4), e, x, t32, 0, seeds)   # table from another dynamics (K=2 vs 3)
+    with pytest.raises(ValueError, match="seeds must have shape"):
+        ops.em_step(z, e, x, t32, 0, torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="pass per-image seeds"):
+        ops.em_step(z, e, x, t32, 0)
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        ops.em_step(z, e, x, t32, 0, seeds, backend="gpu")
+    with pytest.raises(ValueError, match="backend 'cuda' is not available on cpu"):
+        ops.em_step(z, e, x, t32, 0, seeds, backend="cuda")
+    with pytest.raises(ValueError, match="prior must hold"):
+        ops.prior_draw(torch.zeros(4, 2, 1, 4, 4), x, t32, seeds)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="is on cuda"):
+            ops.em_step(z, e.cuda(), x, t32, 0, seeds)
+
+
+def test_ops_trace_under_torch_compile():
+    """The custom ops have fake implementations: a compiled step has no graph break."""
+    t32, _ = _table(2, "sde")
+    z = torch.randn(3, 2, 1, 4, 4)
+    e, seeds = torch.randn(2, 1, 4, 4), torch.arange(2)
+
+    def step(z, e, x, n):
+        ops.em_step(z, e, x, t32.table, n, seeds, backend="torch")
+        return x
+
+    z1, x1 = z.clone(), torch.empty(2, 1, 4, 4)
+    step(z1, e, x1, 3)
+    z2, x2 = z.clone(), torch.empty(2, 1, 4, 4)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    compiled(z2, e, x2, torch.tensor(3))
+    torch.testing.assert_close(z2, z1)
+    torch.testing.assert_close(x2, x1)
