@@ -1,16 +1,24 @@
-"""The fused reverse sampler: network call + one fused op per step on a planar state.
+"""The sampling engine: network call + one fused op per step on a planar state.
 
-``Sampler(dyn, model).sample(num, shape, seed=s)``: image i uses seed ``s + i``
-for its prior draw and every step's noise (Philox), so a sample depends on its
-seed only, not on batch size or backend.
+Image i of a run uses seed ``seed + i`` for its prior draw, every step's noise
+(Philox) and, when labels are drawn, its label; so a sample depends on its
+seed only: not on batch size, backend or number of processes. Batches stream
+to the caller (``iter_batches``), so peak memory is one batch whatever the
+number of images or steps.
 """
+import math
+import time
+
 import torch
 
 from gfdm_fast import ops
 from gfdm_fast import schedule as S
 from gfdm_fast.dynamics import Dynamics
+from gfdm_fast.philox import MASK32, philox4x32
 
 SOLVERS = ("em",)
+PRECISIONS = ("fp32", "bf16", "fp16")
+STREAM_LABEL = 4  # Philox stream of drawn labels
 
 
 def _model_device(model):
@@ -20,66 +28,196 @@ def _model_device(model):
     return torch.device("cpu")
 
 
+def draw_labels(seeds, num_classes):
+    """One label per image from its seed (Philox stream 4): independent of batching."""
+    seeds = seeds.to("cpu", torch.int64)
+    zero = torch.zeros_like(seeds)
+    x0, _, _, _ = philox4x32(zero, zero, zero + STREAM_LABEL, zero, seeds & MASK32, (seeds >> 32) & MASK32)
+    return x0 % int(num_classes)
+
+
 class Sampler:
     """Official Euler-Maruyama sampler (DESIGN.md 'Reverse sampling'), fused.
 
     ``model(x, s, y)`` is any callable with the official signature (``s = time_weight * t``).
+    Opt-in fast paths: ``precision`` ('bf16'/'fp16' autocast of the network, state stays float32),
+    ``compile`` (torch.compile of the network, warmed up outside any timing), ``cuda_graphs``
+    (the whole step, network + fused update, captured once per batch shape and replayed).
     """
 
     def __init__(self, dyn: Dynamics, model, *, steps=1000, mode="sde", eps=1e-3, time_weight=999.0,
-                 backend="auto", solver="em", device=None):
+                 backend="auto", solver="em", device=None, precision="fp32", compile=False,
+                 compile_mode=None, cuda_graphs=False, channels_last=False, num_classes=None, progress=False):
         if not isinstance(dyn, Dynamics):
             raise ValueError("dyn must be a Dynamics from gfdm_fast.make_dynamics")
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
         if not callable(model):
             raise ValueError("model must be callable as model(x, s, y)")
         self.dyn, self.model = dyn, model
         self.steps, self.mode, self.eps, self.time_weight, self.solver = steps, mode, eps, time_weight, solver
         self.device = torch.device(device) if device is not None else _model_device(model)
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs needs a CUDA device")
         self.backend = ops.resolve_backend(backend, self.device)
         self.table = S.build_em_table(dyn, steps, mode=mode, eps=eps, time_weight=time_weight, device=self.device)
+        self.precision, self.cuda_graphs, self.channels_last = precision, cuda_graphs, channels_last
+        self.num_classes, self.progress = num_classes, progress
+        self._compile, self._compile_mode = compile, compile_mode
+        self._net_fn = model
+        self._compiled_for = None
+        self._graphs = {}
 
     @property
     def nfe(self):
         return self.steps
 
-    def _net(self, x, n, labels):
-        s = self.table.s[n].expand(x.shape[0])
-        out = self.model(x, s, labels)
+    # -- the network --------------------------------------------------------------------------------
+    def _forward(self, x, s, labels):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.precision == "fp32":
+            out = self._net_fn(x, s, labels)
+        else:
+            from gfdm_fast.models.fast import autocast
+            with autocast(self.device.type, self.precision):
+                out = self._net_fn(x, s, labels)
         return out.to(torch.float32).contiguous()
 
+    def _prepare_network(self, x_in, labels):
+        """Compile once per batch shape, warming up outside any timing."""
+        if not self._compile or self._compiled_for == tuple(x_in.shape):
+            return
+        from gfdm_fast.models.fast import compile_model
+        if self._compiled_for is None:
+            self._net_fn = compile_model(self.model, mode=self._compile_mode)
+        s = self.table.s[:1].expand(x_in.shape[0])
+        for _ in range(2):
+            self._forward(x_in.clone(), s, labels)
+        self._compiled_for = tuple(x_in.shape)
+
+    def _step(self, z, x_in, n, labels, seeds, noise=None):
+        s = self.table.s.index_select(0, n.reshape(1)).expand(x_in.shape[0]) if torch.is_tensor(n) \
+            else self.table.s[n].expand(x_in.shape[0])
+        e = self._forward(x_in, s, labels)
+        ops.em_step(z, e, x_in, self.table, n, seeds, noise, backend=self.backend)
+
+    # -- loops --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, z, x_in, labels=None, seeds=None, noise=None):
+    def run(self, z, x_in, labels=None, seeds=None, noise=None, *, progress=None):
         """The step loop on a prepared planar state ``z`` (K+1, B, C, H, W) and first input ``x_in``.
 
         ``noise`` (B, steps+1, C, H, W) in the official layout (``noise[:, n+1]`` at step n) replaces
         the Philox draw from ``seeds``. Returns ``z`` (updated in place).
         """
+        self._prepare_network(x_in, labels)
+        if self.cuda_graphs and noise is None:
+            return self._run_graph(z, x_in, labels, seeds, progress)
         for n in range(self.steps):
-            e = self._net(x_in, n, labels)
-            ops.em_step(z, e, x_in, self.table, n, seeds, None if noise is None else noise[:, n + 1].contiguous(),
-                        backend=self.backend)
+            self._step(z, x_in, n, labels, seeds, None if noise is None else noise[:, n + 1].contiguous())
+            if progress is not None:
+                progress(1)
         return z
 
+    def _run_graph(self, z, x_in, labels, seeds, progress):
+        """Capture network + fused step once per batch shape (static buffers), replay per step."""
+        key = (tuple(z.shape), None if labels is None else tuple(labels.shape))
+        if key not in self._graphs:
+            bufs = {"z": torch.empty_like(z), "x_in": torch.empty_like(x_in), "seeds": torch.empty_like(seeds),
+                    "n": torch.zeros((), dtype=torch.int64, device=z.device),
+                    "labels": None if labels is None else torch.empty_like(labels)}
+            bufs["z"].copy_(z), bufs["x_in"].copy_(x_in), bufs["seeds"].copy_(seeds)
+            if labels is not None:
+                bufs["labels"].copy_(labels)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the capture, on scratch copies
+                for _ in range(2):
+                    zz, xx = bufs["z"].clone(), bufs["x_in"].clone()
+                    self._step(zz, xx, bufs["n"], bufs["labels"], bufs["seeds"])
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step(bufs["z"], bufs["x_in"], bufs["n"], bufs["labels"], bufs["seeds"])
+            self._graphs[key] = (graph, bufs)
+        graph, bufs = self._graphs[key]
+        bufs["z"].copy_(z), bufs["x_in"].copy_(x_in), bufs["seeds"].copy_(seeds)
+        if labels is not None:
+            bufs["labels"].copy_(labels)
+        for n in range(self.steps):
+            bufs["n"].fill_(n)
+            graph.replay()
+            if progress is not None:
+                progress(1)
+        z.copy_(bufs["z"])
+        x_in.copy_(bufs["x_in"])
+        return z
+
+    def _labels_for(self, seeds, labels, i0, b):
+        if labels is not None:
+            y = torch.as_tensor(labels[i0:i0 + b]).to(self.device, torch.int64)
+            if y.shape != (b,):
+                raise ValueError(f"labels must hold one class per image: got shape {tuple(y.shape)} for {b} images")
+            return y
+        if self.num_classes:
+            return draw_labels(seeds, self.num_classes).to(self.device)
+        return None
+
     @torch.no_grad()
-    def sample(self, num, shape, *, seed=0, labels=None, batch_size=None):
-        """``num`` images of ``shape`` (C, H, W) as float32 (num, C, H, W): the X component."""
+    def iter_batches(self, num, shape, *, seed=0, labels=None, batch_size=None, start=0, indices=None):
+        """Yield ``(indices, images, labels)`` batch by batch: images (b, C, H, W) float32 X components.
+
+        ``indices`` (a range or list of image indices) restricts the run to a shard; by default
+        images ``start .. num-1``. Image i always uses seed ``seed + i``.
+        """
         if int(num) <= 0:
-            raise ValueError(f"num must be > 0, got {num}")
+            raise ValueError(f"the number of samples must be > 0, got {num}")
         shape = tuple(int(v) for v in shape)
         if len(shape) != 3:
             raise ValueError(f"shape must be (C, H, W), got {shape}")
-        batch_size = int(batch_size or num)
+        idx = list(range(start, num)) if indices is None else list(indices)
+        batch_size = int(batch_size or len(idx) or 1)
         K = self.dyn.num_aug
-        out = torch.empty((num, *shape), dtype=torch.float32, device=self.device)
-        for i0 in range(0, num, batch_size):
-            b = min(batch_size, num - i0)
-            seeds = torch.arange(seed + i0, seed + i0 + b, dtype=torch.int64, device=self.device)
-            y = None if labels is None else torch.as_tensor(labels[i0:i0 + b], device=self.device)
-            z = torch.empty((K + 1, b, *shape), dtype=torch.float32, device=self.device)
-            x_in = torch.empty((b, *shape), dtype=torch.float32, device=self.device)
-            ops.prior_draw(z, x_in, self.table, seeds, backend=self.backend)
-            self.run(z, x_in, y, seeds)
-            out[i0:i0 + b] = z[0]
+        bar = None
+        if self.progress and idx:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(idx) * self.steps, unit="nfe", unit_scale=True, desc="sampling", smoothing=0.1)
+        t0 = time.perf_counter()
+        done = 0
+        try:
+            for j in range(0, len(idx), batch_size):
+                chunk = idx[j:j + batch_size]
+                b = len(chunk)
+                seeds = torch.tensor([seed + i for i in chunk], dtype=torch.int64, device=self.device)
+                y = self._labels_for(seeds, None if labels is None else [labels[i] for i in chunk], 0, b) \
+                    if labels is not None else self._labels_for(seeds, None, 0, b)
+                z = torch.empty((K + 1, b, *shape), dtype=torch.float32, device=self.device)
+                x_in = torch.empty((b, *shape), dtype=torch.float32, device=self.device)
+                ops.prior_draw(z, x_in, self.table, seeds, backend=self.backend)
+                step_cb = None if bar is None else (lambda k, b=b: bar.update(k * b))
+                self.run(z, x_in, y, seeds, progress=step_cb)
+                done += b
+                if bar is not None:
+                    el = time.perf_counter() - t0
+                    bar.set_postfix(img_s=f"{done / el:.2f}", nfe_s=f"{done * self.steps / el:.0f}")
+                yield chunk, z[0].clone(), y
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def sample(self, num, shape, *, seed=0, labels=None, batch_size=None):
+        """``num`` images of ``shape`` (C, H, W) as float32 (num, C, H, W): the X component."""
+        out = None
+        for chunk, x, _ in self.iter_batches(num, shape, seed=seed, labels=labels, batch_size=batch_size):
+            if out is None:
+                out = torch.empty((num, *x.shape[1:]), dtype=torch.float32, device=x.device)
+            out[chunk[0]:chunk[-1] + 1] = x
         return out
+
+
+def shard(num, rank, world):
+    """The contiguous block of image indices of process ``rank`` out of ``world``."""
+    per = math.ceil(num / world)
+    return range(min(num, rank * per), min(num, (rank + 1) * per))
