@@ -1,0 +1,77 @@
+"""Fused prior draw (gfdm_fast.reference.prior_planar): z_T = L xi per pixel, x_in = X - alpha_0 . Y.
+
+xi_j is Philox stream 1, step 0, component j (or the given ``noise`` plane j); L is the
+row-major Cholesky factor of Sreg(T) and alpha_0 the alpha of the first grid time, both in ``prior``.
+The K+1 normals of a pixel form one (KP1, BLOCK) tile, so every plane is written once.
+"""
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from gfdm_fast import philox as P
+
+from .philox import philox_normal
+
+STREAM_PRIOR: tl.constexpr = tl.constexpr(P.STREAM_PRIOR)
+
+INDEX_LIMIT = 2 ** 31          # offsets from here on need 64-bit arithmetic (tests lower it)
+
+
+@triton.jit
+def _prior_kernel(z_ptr, x_in_ptr, prior_ptr, seeds_ptr, noise_ptr, N, CHW,
+                  K: tl.constexpr, KP1: tl.constexpr, HAS_NOISE: tl.constexpr, WIDE: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    if WIDE:                                               # (K+1) N >= 2^31: 64-bit offsets
+        pid = pid.to(tl.int64)
+    p = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = p < N
+    plane = pid * 0 + N                                    # plane stride, in p's integer width
+    j = tl.arange(0, KP1)
+    jmask = j < K + 1
+    off = j[:, None] * plane + p[None, :]
+    tile_mask = jmask[:, None] & mask[None, :]
+    if HAS_NOISE:
+        xi = tl.load(noise_ptr + off, mask=tile_mask, other=0.0)
+    else:
+        seed = tl.load(seeds_ptr + p // CHW, mask=mask, other=0)
+        elem = tl.broadcast_to((p % CHW)[None, :], [KP1, BLOCK])
+        comp = tl.broadcast_to(j[:, None], [KP1, BLOCK])
+        xi = philox_normal(elem, 0, STREAM_PRIOR, comp, seed[None, :])
+        xi = tl.where(tile_mask, xi, 0.0)
+
+    L0 = tl.load(prior_ptr + j, mask=jmask, other=0.0)
+    X = tl.sum(L0[:, None] * xi, axis=0)
+    tl.store(z_ptr + p, X, mask=mask)
+    aY = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.static_range(1, K + 1):
+        Li = tl.load(prior_ptr + i * (K + 1) + j, mask=jmask, other=0.0)
+        Zi = tl.sum(Li[:, None] * xi, axis=0)
+        tl.store(z_ptr + i * plane + p, Zi, mask=mask)
+        aY += tl.load(prior_ptr + (K + 1) * (K + 1) + i - 1) * Zi
+    tl.store(x_in_ptr + p, X - aY, mask=mask)
+
+
+def _launch(z, x_in, prior_vec, seeds, noise):
+    K = z.shape[0] - 1
+    N = x_in.numel()
+    if N == 0:
+        return
+    KP1 = triton.next_power_of_2(K + 1)
+    block = min(512, 2048 // KP1)                          # <= 16 tile elements per thread, as em_step
+    block = min(block, max(triton.next_power_of_2(N), 16))
+    grid = (triton.cdiv(N, block),)
+    has_noise = noise is not None
+    guard = torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext()
+    with guard:
+        _prior_kernel[grid](z, x_in, prior_vec, seeds if seeds is not None else prior_vec,
+                            noise if has_noise else z, N, N // z.shape[1],
+                            K=K, KP1=KP1, HAS_NOISE=has_noise, WIDE=(K + 1) * N >= INDEX_LIMIT,
+                            BLOCK=block, num_warps=4)
+
+
+def prior(z, x_in, prior, seeds=None, noise=None):
+    """The ``triton`` backend of gfdm_fast.ops.prior_draw (arguments already checked there)."""
+    _launch(z, x_in, prior, seeds, noise)
