@@ -20,7 +20,7 @@ from gfdm_fast import reference as ref
 from gfdm_fast import schedule as S
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
-_IMPLS = {"torch": {"em_step": ref.em_step_planar, "prior": ref.prior_planar}}
+_IMPLS = {"torch": {"em_step": ref.em_step_planar, "prior": ref.prior_planar, "exp_step": ref.exp_step_planar}}
 _LOAD_ERRORS = {}
 
 
@@ -168,6 +168,18 @@ def _(x0, mean_scale, sigma_c, seeds, step, x_in, eps_out, eps, backend):
     return None
 
 
+@torch.library.custom_op("gfdm::exp_step", mutates_args=("z", "x_in", "hist"))
+def _exp_step_op(z: torch.Tensor, e: torch.Tensor, x_in: torch.Tensor, hist: torch.Tensor, table: torch.Tensor,
+                 step: torch.Tensor, order: int, seeds: Optional[torch.Tensor], noise: Optional[torch.Tensor],
+                 noisy: bool, backend: str) -> None:
+    _IMPLS[backend]["exp_step"](z, e, x_in, hist, table, step, order, seeds, noise, noisy)
+
+
+@_exp_step_op.register_fake
+def _(z, e, x_in, hist, table, step, order, seeds, noise, noisy, backend):
+    return None
+
+
 # ---- public functions ---------------------------------------------------------------------------
 def em_step(z, e, x_in, table, step, seeds=None, noise=None, *, backend="auto"):
     """Fused Euler-Maruyama step (gfdm_fast.schedule row layout): updates ``z`` in place, writes ``x_in``.
@@ -208,6 +220,8 @@ def prior_draw(z, x_in, prior, seeds=None, noise=None, *, backend="auto"):
     _check_tensor("prior", prior, prior.shape, z.dtype, z.device)
     _check_tensor("x_in", x_in, img, z.dtype, z.device)
     _check_seeds_noise(seeds, noise, B, tuple(z.shape), z.device)
+    if noise is not None:
+        _need(noise.dtype == z.dtype, f"noise must be {z.dtype}, got {noise.dtype}")
     backend = resolve_backend(backend, z.device)
     _need(backend == "torch" or z.dtype == torch.float32, f"backend {backend!r} computes in float32; use backend='torch' for float64")
     _prior_op(z, x_in, prior, seeds, noise, backend)
@@ -222,8 +236,42 @@ def noising(x0, mean_scale, sigma_c, seeds=None, step=0, eps=None, *, backend="a
     for name, v in (("mean_scale", mean_scale), ("sigma_c", sigma_c)):
         _check_tensor(name, v, (B,), x0.dtype, x0.device)
     _check_seeds_noise(seeds, eps, B, tuple(x0.shape), x0.device)
+    if eps is not None:
+        _need(eps.dtype == x0.dtype, f"eps must be {x0.dtype}, got {eps.dtype}")
     backend = resolve_backend(backend, x0.device)
     _need(backend == "torch" or x0.dtype == torch.float32, f"backend {backend!r} computes in float32; use backend='torch' for float64")
     x_in, eps_out = torch.empty_like(x0), torch.empty_like(x0)
     _noising_op(x0, mean_scale, sigma_c, seeds, _step_tensor(step, x0.device), x_in, eps_out, eps, backend)
     return x_in, eps_out
+
+
+def exp_step(z, e, x_in, hist, table, step, seeds=None, noise=None, *, order=None, noisy=None, backend="auto"):
+    """Fused exponential-integrator step (gfdm_fast.expint row layout): updates ``z`` and the history
+    ring ``hist`` (max(order-1, 1), B, C, H, W) in place and writes the next network input ``x_in``.
+    ``noisy`` (sde) draws K+1 normals per pixel (Philox stream 3) or uses ``noise`` (K+1, B, C, H, W).
+    """
+    from gfdm_fast.expint import exp_row_width
+    if isinstance(table, S.StepTable):
+        _need(table.solver == "exp", f"exp_step needs an exponential-integrator table, got solver {table.solver!r}")
+        order = table.order if order is None else order
+        noisy = (table.mode == "sde") if noisy is None else noisy
+        table = table.table
+    _need(order in (1, 2, 3), f"order must be 1, 2 or 3, got {order!r}")
+    _check_state(z)
+    K, B = z.shape[0] - 1, z.shape[1]
+    img = tuple(z.shape[1:])
+    _need(isinstance(table, torch.Tensor) and table.dim() == 2 and table.shape[1] == exp_row_width(K, order),
+          f"the step table does not fit K = {K}, order = {order} (rows of {exp_row_width(K, order)}): "
+          f"build it from the dynamics that made z")
+    _check_tensor("table", table, table.shape, z.dtype, z.device)
+    _check_tensor("e", e, img, z.dtype, z.device)
+    _check_tensor("x_in", x_in, img, z.dtype, z.device)
+    _check_tensor("hist", hist, (max(order - 1, 1), *img), z.dtype, z.device)
+    if noisy:
+        _check_seeds_noise(seeds, noise, B, tuple(z.shape), z.device)
+        if noise is not None:
+            _need(noise.dtype == z.dtype, f"noise must be {z.dtype}, got {noise.dtype}")
+    backend = resolve_backend(backend, z.device)
+    _need(backend == "torch" or z.dtype == torch.float32, f"backend {backend!r} computes in float32; use backend='torch' for float64")
+    _need("exp_step" in _IMPLS[backend], f"backend {backend!r} has no exp_step yet; use backend='torch'")
+    _exp_step_op(z, e, x_in, hist, table, _step_tensor(step, z.device), int(order), seeds, noise, bool(noisy), backend)

@@ -214,3 +214,42 @@ def noising(x0, mean_scale, sigma_c, seeds=None, step=0, eps=None):
         eps = philox_normal(seeds, step, STREAM_TRAIN, x0[0].numel()).reshape(x0.shape).to(x0.dtype)
     shape = (-1,) + (1,) * (x0.dim() - 1)
     return mean_scale.to(x0.dtype).reshape(shape) * x0 + sigma_c.to(x0.dtype).reshape(shape) * eps, eps
+
+
+def exp_step_planar(z, e, x_in, hist, table, step, order, seeds=None, noise=None, noisy=False):
+    """One exponential-integrator step in place (gfdm_fast.expint row layout).
+
+    ``d = p x_in + q e`` (x_in: the input the network just saw); ``Z' = Phi Z + w_cur d + sum_s w_hist[s] hist[s]
+    (+ L xi if noisy)``; then ``hist[step mod (order-1)] = d`` and ``x_in = X' - alpha_next . Y'``.
+    ``hist`` is (max(order-1, 1), B, C, H, W); ``noise`` (K+1, B, C, H, W) overrides Philox stream 3.
+    """
+    from gfdm_fast.expint import EXP_FIXED
+    from gfdm_fast.philox import STREAM_EXP, philox_normal
+    K1 = z.shape[0]
+    K, R = K1 - 1, int(order)
+    r = _row(table, step).to(z.dtype)
+    o = EXP_FIXED
+    Phi = r[o:o + K1 * K1].reshape(K1, K1)
+    o += K1 * K1
+    w_cur = r[o:o + K1]
+    o += K1
+    w_hist = r[o:o + (R - 1) * K1].reshape(R - 1, K1)
+    o += (R - 1) * K1
+    L = r[o:o + K1 * K1].reshape(K1, K1)
+    o += K1 * K1
+    a_next = r[o:o + K].reshape(K, 1, 1, 1, 1)
+    d = r[0] * x_in + r[1] * e
+    zn = torch.einsum("ij,j...->i...", Phi, z) + w_cur.reshape(K1, 1, 1, 1, 1) * d
+    for s in range(R - 1):
+        zn = zn + w_hist[s].reshape(K1, 1, 1, 1, 1) * hist[s]
+    if noisy:
+        if noise is None:
+            numel = z[0, 0].numel()
+            noise = torch.stack([philox_normal(seeds, step, STREAM_EXP, numel, component=j).reshape(z.shape[1:])
+                                 for j in range(K1)]).to(z.dtype)
+        zn = zn + torch.einsum("ij,j...->i...", L, noise)
+    if R > 1:
+        slot = torch.as_tensor(step, device=z.device).reshape(1).to(torch.int64) % (R - 1)
+        hist.index_copy_(0, slot, d.unsqueeze(0))
+    z.copy_(zn)
+    x_in.copy_(zn[0] - (a_next * zn[1:]).sum(0))

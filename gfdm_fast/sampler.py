@@ -16,7 +16,7 @@ from gfdm_fast import schedule as S
 from gfdm_fast.dynamics import Dynamics
 from gfdm_fast.philox import MASK32, philox4x32
 
-SOLVERS = ("em",)
+SOLVERS = ("em", "exp")
 PRECISIONS = ("fp32", "bf16", "fp16")
 STREAM_LABEL = 4  # Philox stream of drawn labels
 
@@ -37,7 +37,9 @@ def draw_labels(seeds, num_classes):
 
 
 class Sampler:
-    """Official Euler-Maruyama sampler (DESIGN.md 'Reverse sampling'), fused.
+    """Fused reverse sampler: ``solver="em"`` is the official Euler-Maruyama sampler (DESIGN.md
+    'Reverse sampling'); ``solver="exp"`` the exponential integrator of gfdm_fast.expint (few steps;
+    ``order``, ``grid``, and ``denoise`` = one extra network call for Tweedie's estimate at t = eps).
 
     ``model(x, s, y)`` is any callable with the official signature (``s = time_weight * t``).
     Opt-in fast paths: ``precision`` ('bf16'/'fp16' autocast of the network, state stays float32),
@@ -47,7 +49,8 @@ class Sampler:
 
     def __init__(self, dyn: Dynamics, model, *, steps=1000, mode="sde", eps=1e-3, time_weight=999.0,
                  backend="auto", solver="em", device=None, precision="fp32", compile=False,
-                 compile_mode=None, cuda_graphs=False, channels_last=False, num_classes=None, progress=False):
+                 compile_mode=None, cuda_graphs=False, channels_last=False, num_classes=None, progress=False,
+                 order=None, grid=None, denoise=False):
         if not isinstance(dyn, Dynamics):
             raise ValueError("dyn must be a Dynamics from gfdm_fast.make_dynamics")
         if solver not in SOLVERS:
@@ -62,7 +65,19 @@ class Sampler:
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs a CUDA device")
         self.backend = ops.resolve_backend(backend, self.device)
-        self.table = S.build_em_table(dyn, steps, mode=mode, eps=eps, time_weight=time_weight, device=self.device)
+        if solver == "em":
+            if order is not None or grid is not None or denoise:
+                raise ValueError("order, grid and denoise belong to solver='exp'")
+            self.table = S.build_em_table(dyn, steps, mode=mode, eps=eps, time_weight=time_weight, device=self.device)
+        else:
+            from gfdm_fast import expint
+            self.table = expint.build_exp_table(dyn, steps, mode=mode, eps=eps, time_weight=time_weight,
+                                                order=order or expint.DEFAULT_ORDER, grid=grid or expint.DEFAULT_GRID,
+                                                device=self.device)
+            if denoise:
+                inv_c, sig_over_c = expint.denoise_coefficients(dyn, eps)
+                self._denoise = (float(inv_c), float(sig_over_c), float(time_weight * eps))
+        self.denoise = bool(denoise)
         self.precision, self.cuda_graphs, self.channels_last = precision, cuda_graphs, channels_last
         self.num_classes, self.progress = num_classes, progress
         self._compile, self._compile_mode = compile, compile_mode
@@ -72,7 +87,7 @@ class Sampler:
 
     @property
     def nfe(self):
-        return self.steps
+        return self.steps + int(self.denoise)
 
     # -- the network --------------------------------------------------------------------------------
     def _forward(self, x, s, labels):
@@ -98,11 +113,27 @@ class Sampler:
             self._forward(x_in.clone(), s, labels)
         self._compiled_for = tuple(x_in.shape)
 
-    def _step(self, z, x_in, n, labels, seeds, noise=None):
+    def _step(self, z, x_in, hist, n, labels, seeds, noise=None):
         s = self.table.s.index_select(0, n.reshape(1)).expand(x_in.shape[0]) if torch.is_tensor(n) \
             else self.table.s[n].expand(x_in.shape[0])
         e = self._forward(x_in, s, labels)
-        ops.em_step(z, e, x_in, self.table, n, seeds, noise, backend=self.backend)
+        if self.solver == "em":
+            ops.em_step(z, e, x_in, self.table, n, seeds, noise, backend=self.backend)
+        else:
+            ops.exp_step(z, e, x_in, hist, self.table, n, seeds, noise, backend=self.backend)
+
+    def _new_hist(self, x_in):
+        if self.solver != "exp":
+            return None
+        return torch.zeros((max(self.table.order - 1, 1), *x_in.shape), dtype=x_in.dtype, device=x_in.device)
+
+    def finish(self, z, x_in, labels=None):
+        """The output image of a finished run: X, or Tweedie's denoised estimate (one more network call)."""
+        if not self.denoise:
+            return z[0]
+        inv_c, sig_over_c, s_eps = self._denoise
+        e = self._forward(x_in, torch.full((x_in.shape[0],), s_eps, device=x_in.device), labels)
+        return inv_c * x_in - sig_over_c * e
 
     # -- loops --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -110,13 +141,19 @@ class Sampler:
         """The step loop on a prepared planar state ``z`` (K+1, B, C, H, W) and first input ``x_in``.
 
         ``noise`` (B, steps+1, C, H, W) in the official layout (``noise[:, n+1]`` at step n) replaces
-        the Philox draw from ``seeds``. Returns ``z`` (updated in place).
+        the Philox draw from ``seeds`` (exp solver: (steps, K+1, B, C, H, W), one draw per step).
+        Returns ``z`` (updated in place).
         """
         self._prepare_network(x_in, labels)
         if self.cuda_graphs and noise is None:
             return self._run_graph(z, x_in, labels, seeds, progress)
+        hist = self._new_hist(x_in)
         for n in range(self.steps):
-            self._step(z, x_in, n, labels, seeds, None if noise is None else noise[:, n + 1].contiguous())
+            if noise is None:
+                nz = None
+            else:
+                nz = (noise[:, n + 1] if self.solver == "em" else noise[n]).contiguous()
+            self._step(z, x_in, hist, n, labels, seeds, nz)
             if progress is not None:
                 progress(1)
         return z
@@ -126,7 +163,7 @@ class Sampler:
         key = (tuple(z.shape), None if labels is None else tuple(labels.shape))
         if key not in self._graphs:
             bufs = {"z": torch.empty_like(z), "x_in": torch.empty_like(x_in), "seeds": torch.empty_like(seeds),
-                    "n": torch.zeros((), dtype=torch.int64, device=z.device),
+                    "n": torch.zeros((), dtype=torch.int64, device=z.device), "hist": self._new_hist(x_in),
                     "labels": None if labels is None else torch.empty_like(labels)}
             bufs["z"].copy_(z), bufs["x_in"].copy_(x_in), bufs["seeds"].copy_(seeds)
             if labels is not None:
@@ -136,14 +173,17 @@ class Sampler:
             with torch.cuda.stream(side):  # warm-up outside the capture, on scratch copies
                 for _ in range(2):
                     zz, xx = bufs["z"].clone(), bufs["x_in"].clone()
-                    self._step(zz, xx, bufs["n"], bufs["labels"], bufs["seeds"])
+                    hh = None if bufs["hist"] is None else bufs["hist"].clone()
+                    self._step(zz, xx, hh, bufs["n"], bufs["labels"], bufs["seeds"])
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._step(bufs["z"], bufs["x_in"], bufs["n"], bufs["labels"], bufs["seeds"])
+                self._step(bufs["z"], bufs["x_in"], bufs["hist"], bufs["n"], bufs["labels"], bufs["seeds"])
             self._graphs[key] = (graph, bufs)
         graph, bufs = self._graphs[key]
         bufs["z"].copy_(z), bufs["x_in"].copy_(x_in), bufs["seeds"].copy_(seeds)
+        if bufs["hist"] is not None:
+            bufs["hist"].zero_()
         if labels is not None:
             bufs["labels"].copy_(labels)
         for n in range(self.steps):
@@ -198,11 +238,12 @@ class Sampler:
                 ops.prior_draw(z, x_in, self.table, seeds, backend=self.backend)
                 step_cb = None if bar is None else (lambda k, b=b: bar.update(k * b))
                 self.run(z, x_in, y, seeds, progress=step_cb)
+                img = self.finish(z, x_in, y)
                 done += b
                 if bar is not None:
                     el = time.perf_counter() - t0
                     bar.set_postfix(img_s=f"{done / el:.2f}", nfe_s=f"{done * self.steps / el:.0f}")
-                yield chunk, z[0].clone(), y
+                yield chunk, img.clone(), y
         finally:
             if bar is not None:
                 bar.close()

@@ -52,6 +52,7 @@ class StepTable:
     mode: str
     solver: str
     key: tuple               # (dynamics config, eps, time_weight, solver...) for mismatch checks
+    order: int = 1           # history length of multistep solvers (exp)
 
     @property
     def device(self):
@@ -59,7 +60,7 @@ class StepTable:
 
     def to(self, device):
         return StepTable(self.table.to(device), self.t.to(device), self.s.to(device), self.prior.to(device),
-                         self.num_aug, self.steps, self.mode, self.solver, self.key)
+                         self.num_aug, self.steps, self.mode, self.solver, self.key, self.order)
 
 
 def prior_vector(dyn: Dynamics, t0):

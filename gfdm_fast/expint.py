@@ -1,0 +1,210 @@
+"""Exponential integrator for the augmented linear SDE/ODE (few-step sampling, DEIS-style).
+
+The reverse drift splits into a linear part and the network term:
+``dZ/dt = A(t) Z + b(t) e``, ``A = F - m G G^T Q``, ``Q = diag(0, -Sreg_yy^-1)``,
+``b = m G (G . (1, -alpha)) / sigma_c`` (m = 1/2 ode, 1 sde). Over a step
+t_n -> t_{n+1} < t_n the linear part is integrated exactly (its stiffness:
+gamma up to 20 and Sreg_yy^-1 ~ 1/pd_eps), the network output is interpolated
+by a Lagrange polynomial through the last ``order`` evaluations (Adams-Bashforth):
+    Z_{n+1} = Phi_n Z_n + sum_j w_{n,j} e_{n-j} (+ L_n xi_n for sde),
+with Phi_n, w_{n,j} and the noise Cholesky factor L_n (of the exact covariance of
+the linear SDE over the step; K+1 normals per pixel) precomputed in float64.
+
+Numerics: reversed time r = t_n - t; the step is cut into ``substeps`` pieces
+uniform in log t; on each the generator is frozen at the midpoint and the
+augmented matrix exponential ([[A, b l_0, .., b l_p], [0, 0]], Van Loan's block
+form for the covariance) is taken exactly, so stiff modes are integrated exactly.
+
+The interpolated quantity is the data prediction ``d = (x_in - sigma_c e) / c``
+(``predict="x0"``, DPM-Solver++'s choice: far smoother in t than e; its x_in part
+joins the linear operator) or e itself (``predict="eps"``).
+
+Row layout of the table (float32), R = order:
+[p, q, Phi ((K+1)^2, row-major), w_cur (K+1), w_hist ((R-1) x (K+1), in ring-slot order),
+ L ((K+1)^2, row-major lower), alpha_next (K)], with d = p x_in + q e per pixel.
+The d of step n is stored in ring slot n mod (R-1) after use (the slot of the
+oldest evaluation), so the kernels index the history without a host sync.
+"""
+import numpy as np
+import torch
+
+from gfdm_fast import schedule as S
+from gfdm_fast.dynamics import Dynamics
+
+GRIDS = ("blend", "logsnr", "power", "uniform")
+DEFAULT_GRID, DEFAULT_ORDER = "blend", 2   # chosen on the oracle test bed (benchmarks/oracle_error.py)
+
+
+EXP_FIXED = 2   # p, q of the data prediction d = p x_in + q e
+
+
+def exp_row_width(num_aug, order):
+    k1 = num_aug + 1
+    return EXP_FIXED + 2 * k1 * k1 + order * k1 + num_aug
+
+
+def time_grid(dyn: Dynamics, steps, *, eps=1e-3, grid="logsnr", rho=2.0):
+    """steps+1 times from T down to eps (steps network evaluations at t_0..t_{steps-1}).
+
+    ``blend``: the mean of the ``logsnr`` and ``uniform`` grids (the best 20-step ODE error on the oracle);
+    ``logsnr``: uniform in log(sigma_c / c) (the noise-to-signal ratio the network sees);
+    ``power``: t uniform in t^(1/rho); ``uniform``: linear in t.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    T = dyn.T
+    if grid == "blend":
+        return 0.5 * (time_grid(dyn, steps, eps=eps, grid="logsnr") + time_grid(dyn, steps, eps=eps, grid="uniform"))
+    if grid == "uniform":
+        return np.linspace(T, eps, steps + 1)
+    if grid == "power":
+        return np.linspace(T ** (1 / rho), eps ** (1 / rho), steps + 1) ** rho
+    if grid == "logsnr":
+        dense = np.geomspace(eps, T, 4001)[::-1]
+        st = dyn.marginal_stats(dense)
+        lam = np.log(st.sigma_c.numpy() / st.mean_scale.numpy())   # decreasing as t decreases
+        targets = np.linspace(lam[0], lam[-1], steps + 1)
+        t = np.interp(targets, lam[::-1], dense[::-1])
+        t[0], t[-1] = T, eps
+        return t
+    raise ValueError(f"unknown grid {grid!r}: choose one of {', '.join(GRIDS)}")
+
+
+def _generator(dyn, t, m, predict="eps"):
+    """A(t) (n, K+1, K+1), b(t) (n, K+1), G(t) (n, K+1) in float64.
+
+    ``predict="x0"``: the network term is written through the data prediction
+    ``d = (x_in - sigma_c e) / c``; the x_in part joins the linear operator
+    (A += b (1, -alpha)^T / sigma_c, b -> -b c / sigma_c), and d is far smoother in t than e.
+    """
+    K = dyn.num_aug
+    st = dyn.marginal_stats(t)
+    F, G = dyn.F(t).numpy(), dyn.G(t).numpy()
+    Q = np.zeros_like(F)
+    if K:
+        Q[:, 1:, 1:] = -np.linalg.inv(st.cov[:, 1:, 1:].numpy())
+    A = F - m * np.einsum("ni,nj,njk->nik", G, G, Q)
+    one_alpha = np.concatenate([np.ones((t.size, 1)), -st.alpha.numpy()], axis=1)
+    sig = st.sigma_c.numpy()
+    b = m * G * (np.einsum("ni,ni->n", G, one_alpha) / sig)[:, None]
+    if predict == "x0":
+        A = A + b[:, :, None] * one_alpha[:, None, :] / sig[:, None, None]
+        b = -b * (st.mean_scale.numpy() / sig)[:, None]
+    return A, b, G
+
+
+def _lagrange(nodes, x):
+    """Lagrange basis polynomials through ``nodes`` evaluated at x: (len(x), len(nodes))."""
+    x = np.asarray(x)[:, None]
+    out = np.ones((x.shape[0], len(nodes)))
+    for j, tj in enumerate(nodes):
+        for k, tk in enumerate(nodes):
+            if k != j:
+                out[:, j] *= (x[:, 0] - tk) / (tj - tk)
+    return out
+
+
+def step_coefficients(dyn, t_hi, t_lo, nodes, m, *, substeps=64, noise=False, predict="eps"):
+    """Phi(t_lo, t_hi), weights w_j (for e at ``nodes``) and the noise covariance of one step (float64)."""
+    K1 = dyn.num_aug + 1
+    p = len(nodes)
+    # substeps uniform in log t (the statistics vary on the scale of t itself near t = 0)
+    edges = np.geomspace(t_hi, t_lo, substeps + 1)
+    mids = np.sqrt(edges[:-1] * edges[1:])
+    dr = edges[:-1] - edges[1:]                              # positive: reversed time
+    A, b, G = _generator(dyn, mids, m, predict)
+    ell = _lagrange(nodes, mids)                             # (M, p)
+    # reversed time: dZ/dr = -A Z - b e
+    n = K1 + p
+    aug = np.zeros((substeps, n, n))
+    aug[:, :K1, :K1] = -A
+    aug[:, :K1, K1:] = -b[:, :, None] * ell[:, None, :]
+    E = torch.linalg.matrix_exp(torch.from_numpy(aug * dr[:, None, None])).numpy()
+    total = np.eye(n)
+    for k in range(substeps):
+        total = E[k] @ total
+    Phi, W = total[:K1, :K1], total[:K1, K1:]                # W[:, j] multiplies e at nodes[j]
+    Sigma = None
+    if noise:
+        # Van Loan: with Ah = -A, expm([[-Ah, GG^T], [0, Ah^T]] dr) = [[., M12], [0, M22]] and
+        # Qk = int_0^dr e^{Ah s} GG^T e^{Ah^T s} ds = M22^T M12.
+        vl = np.zeros((substeps, 2 * K1, 2 * K1))
+        vl[:, :K1, :K1] = A                                   # = -Ah
+        vl[:, :K1, K1:] = G[:, :, None] * G[:, None, :]
+        vl[:, K1:, K1:] = -np.transpose(A, (0, 2, 1))         # = Ah^T
+        V = torch.linalg.matrix_exp(torch.from_numpy(vl * dr[:, None, None])).numpy()
+        Sigma = np.zeros((K1, K1))
+        for k in range(substeps):
+            Phi_k = E[k][:K1, :K1]
+            Qk = V[k][K1:, K1:].T @ V[k][:K1, K1:]
+            Sigma = Phi_k @ Sigma @ Phi_k.T + 0.5 * (Qk + Qk.T)
+    return Phi, W, Sigma
+
+
+def _safe_cholesky(S):
+    """Cholesky of a PSD matrix that may be numerically singular (stiff modes leave ~0 variance)."""
+    S = 0.5 * (S + S.T)
+    w, V = np.linalg.eigh(S)
+    w = np.clip(w, 0.0, None)
+    # QR of (V sqrt(w))^T gives R with R^T R = S; L = R^T is lower triangular
+    R = np.linalg.qr((V * np.sqrt(w)).T, mode="r")
+    L = R.T
+    sign = np.sign(np.diag(L))
+    sign[sign == 0] = 1.0
+    return L * sign[None, :]
+
+
+def build_exp_table(dyn: Dynamics, steps, *, mode="ode", order=DEFAULT_ORDER, eps=1e-3, grid=DEFAULT_GRID, rho=2.0,
+                    time_weight=999.0, substeps=64, predict="x0", device="cpu", dtype=torch.float32):
+    """The exponential-integrator step table (see module docstring for the row layout)."""
+    if mode not in S.MODES:
+        raise ValueError(f"unknown mode {mode!r}: choose 'sde' or 'ode'")
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    t = time_grid(dyn, steps, eps=eps, grid=grid, rho=rho)
+    K = dyn.num_aug
+    K1 = K + 1
+    m = 0.5 if mode == "ode" else 1.0
+    R = order
+    rows = np.zeros((steps, exp_row_width(K, order)))
+    st = dyn.marginal_stats(t)
+    alpha = st.alpha.numpy()
+    o_P = EXP_FIXED
+    o_w = o_P + K1 * K1
+    o_h = o_w + K1
+    o_L = o_h + (R - 1) * K1
+    o_a = o_L + K1 * K1
+    for n in range(steps):
+        p = min(order, n + 1)
+        nodes = t[n - p + 1:n + 1][::-1]                     # t_n, t_{n-1}, ...
+        Phi, W, Sigma = step_coefficients(dyn, t[n], t[n + 1], nodes, m, substeps=substeps, noise=(mode == "sde"),
+                                          predict=predict)
+        if predict == "x0":
+            rows[n, 0] = 1.0 / st.mean_scale[n].item()
+            rows[n, 1] = -st.sigma_c[n].item() / st.mean_scale[n].item()
+        elif predict == "eps":
+            rows[n, 1] = 1.0
+        else:
+            raise ValueError(f"unknown predict {predict!r}: choose 'x0' or 'eps'")
+        rows[n, o_P:o_w] = Phi.reshape(-1)
+        rows[n, o_w:o_h] = W[:, 0]
+        for j in range(1, p):                                # e_{n-j} sits in ring slot (n-j) mod (R-1)
+            slot = (n - j) % (R - 1)
+            rows[n, o_h + slot * K1:o_h + (slot + 1) * K1] = W[:, j]
+        if mode == "sde":
+            rows[n, o_L:o_a] = _safe_cholesky(Sigma).reshape(-1)
+        rows[n, o_a:] = alpha[n + 1]                          # the last row: alpha(eps), for a final denoise
+    key = (tuple(sorted(dyn.config().items())), float(eps), float(time_weight), "exp", order, grid, float(rho), predict)
+    return S.StepTable(
+        table=torch.tensor(rows, dtype=dtype, device=device),
+        t=torch.tensor(t[:-1], dtype=torch.float32, device=device),
+        s=torch.tensor(time_weight * t[:-1], dtype=torch.float32, device=device),
+        prior=torch.tensor(S.prior_vector(dyn, t[0]), dtype=dtype, device=device),
+        num_aug=K, steps=steps, mode=mode, solver="exp", key=key, order=order)
+
+
+def denoise_coefficients(dyn: Dynamics, t):
+    """Tweedie's final denoising at time t: x0_hat = (x_in - sigma_c e) / c -> (1/c, sigma_c/c)."""
+    st = dyn.marginal_stats([t])
+    c, s = st.mean_scale.item(), st.sigma_c.item()
+    return 1.0 / c, s / c
