@@ -291,7 +291,7 @@ def _collate_files(items):
     size = items[0][0].shape
     for x, name in items:
         if x.shape != size:
-            return None, (f"images differ in size: {items[0][1]} is {size[2]}x{size[1]}, {name} is "
+            return None, (f"images differ in size: {items[0][1]} is {size[2]}x{size[1]} (WxH), {name} is "
                           f"{x.shape[2]}x{x.shape[1]}; FID needs one size per set")
     return torch.stack([x for x, _ in items]), items[0][1]
 
@@ -316,8 +316,8 @@ class FolderImages:
             if first is None:
                 first = (x.shape, note)
             elif x.shape[1:] != first[0][1:]:
-                raise UserError(f"images differ in size: {first[1]} is {first[0][3]}x{first[0][2]}, {note} is "
-                                f"{x.shape[3]}x{x.shape[2]}; FID needs one size per set")
+                raise UserError(f"images differ in size: {first[1]} is {first[0][3]}x{first[0][2]} (WxH), {note} "
+                                f"is {x.shape[3]}x{x.shape[2]}; FID needs one size per set")
             yield x.float().div(255)
 
 
