@@ -15,6 +15,7 @@ builds the CPU part only.
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -55,7 +56,26 @@ def _want_cuda(torch, cuda_home):
     return False, "no GPU visible (GFDM_FORCE_CUDA=1 builds anyway)"
 
 
+def _cuda_home_from_nvcc():
+    """Point CUDA_HOME at the toolkit when ``nvcc`` on PATH is a wrapper script or link outside it.
+
+    torch guesses CUDA_HOME as the parent of the ``bin`` holding nvcc; for /usr/local/bin/nvcc that is
+    /usr/local, which has no CUDA headers. An explicit CUDA_HOME / CUDA_PATH always wins.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates.append("/usr/local/cuda")
+    for root in candidates:
+        if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")) and os.path.exists(os.path.join(root, "bin", "nvcc")):
+            if nvcc and os.path.dirname(os.path.dirname(nvcc)) != root:
+                os.environ["CUDA_HOME"] = root
+            return
+
+
 def _extensions():
+    _cuda_home_from_nvcc()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -68,7 +88,9 @@ def _extensions():
     if not cpp:
         return [], {}
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx = ["-O3", "-std=c++17", *openmp]
+    # no -std: torch's BuildExtension adds the standard its headers need (C++20 for torch 2.14);
+    # -fno-math-errno lets sqrtf vectorise in the Philox loop
+    cxx = ["-O3", "-fno-math-errno", *openmp]
     use_cuda, why = _want_cuda(torch, CUDA_HOME)
     if use_cuda and cu:
         archs = os.environ.get("GFDM_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
@@ -80,7 +102,7 @@ def _extensions():
         ext = CUDAExtension(
             "gfdm_fast._C", cpp + cu,
             define_macros=[("GFDM_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", *gencode]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", *gencode]},
             extra_link_args=openmp,
         )
     else:

@@ -1,0 +1,14 @@
+"""The C++ extension backends: ``cpp`` (CPU, OpenMP) and ``cuda`` (when built with nvcc).
+
+Importing this module registers them with ``gfdm_fast.ops``; a missing or broken extension
+raises ImportError here, which ops.py records as the reason the backend is unavailable.
+Arguments arrive checked by ops.py; the extension checks them again (TORCH_CHECK) for direct calls.
+"""
+from gfdm_fast import _C  # noqa: F401  (ImportError propagates: ops.py catches it)
+from gfdm_fast import ops
+
+
+ops.register_backend("cpp", {"em_step": _C.em_step, "prior": _C.prior, "noising": _C.noising})
+
+if _C.has_cuda():
+    ops.register_backend("cuda", {"em_step": _C.em_step_cuda, "prior": _C.prior_cuda, "noising": _C.noising_cuda})
