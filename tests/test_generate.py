@@ -159,8 +159,9 @@ def test_batch_size_does_not_change_samples(runs, reference):
 def test_gfdm_run_json_gives_config_and_recipe(runs, nets):
     run = runs / "8_mnist_H0.7_K2"
     shutil.copytree(runs / RUN, run)
-    meta = {"config": nets[0].to_dict(), "recipe": "exact", "seed": 3,
-            "dynamics": {"name": "fvp", "hurst": 0.7, "num_aug": 2, "gamma_max": 20.0, "norm": True}}
+    meta = {"format": "gfdm-fast-run", "version": 1, "model": nets[0].to_dict(), "recipe": "exact",
+            "time_weight": 999.0, "seed": 3,      # as gfdm-fast train writes it
+            "dynamics": {"name": "fvp", "hurst": 0.7, "num_aug": 2, "gamma_max": 20.0, "norm": True, "T": 1.0}}
     (run / G.RUN_META).write_text(json.dumps(meta))
     # no network flags: the recorded config is used
     rc, _, err = generate("--output_dir", runs, "--data_name", "mnist", "--run_id", 8, "--hurst", 0.7,

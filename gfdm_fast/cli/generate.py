@@ -124,6 +124,8 @@ class Source:
     config: object | None         # recorded UNetConfig, if any
     config_from: str | None
     recipe: str | None
+    T: float = 1.0                # time horizon and network time scale, as the run recorded them
+    time_weight: float = 999.0
 
 
 def _listing(folder, pred=lambda name: True):
@@ -236,13 +238,17 @@ def _locate(args):
         records.append((f"run folder {os.path.basename(run_dir)}",
                         {"hurst": hints["hurst"], "num_aug": hints["num_aug"]}))
     meta = _read_meta(run_dir)
-    if meta is not None:
+    T, time_weight = 1.0, 999.0
+    if meta is not None:   # gfdm-fast train: {"model": UNetConfig, "dynamics", "recipe", "time_weight", "seed"}
         where = os.path.join(run_dir, RUN_META)
         if isinstance(meta.get("dynamics"), dict):
             records.append((where, _dyn_fields(meta["dynamics"])))
-        if isinstance(meta.get("config"), dict):
-            config, config_from = _config_of(meta["config"]), where
+            T = float(meta["dynamics"].get("T", T))
+        net = meta.get("model", meta.get("config"))
+        if isinstance(net, dict):
+            config, config_from = _config_of(net), where
         recipe = meta.get("recipe") or recipe
+        time_weight = float(meta.get("time_weight", time_weight))
     engine = _peek(path)
     if engine is not None:
         if isinstance(engine.get("dynamics"), dict):
@@ -250,7 +256,7 @@ def _locate(args):
         if isinstance(engine.get("config"), dict):
             config, config_from = _config_of(engine["config"]), path
         recipe = engine.get("recipe") or recipe
-    return Source(path, use_ema, run_dir, version, records, config, config_from, recipe)
+    return Source(path, use_ema, run_dir, version, records, config, config_from, recipe, T, time_weight)
 
 
 def _resolve_dynamics(args, src):
@@ -685,13 +691,14 @@ def run(args):
     device = _device(args.device, dist.local_rank)
     try:
         dyn = make_dynamics(dyn_rec["name"], hurst=dyn_rec["hurst"], num_aug=dyn_rec["num_aug"],
-                            gamma_max=dyn_rec["gamma_max"], norm=dyn_rec["norm"], recipe=recipe)
+                            gamma_max=dyn_rec["gamma_max"], norm=dyn_rec["norm"], recipe=recipe, T=src.T)
     except ValueError as err:
         raise UserError(f"dynamics: {err}") from None
     ckpt = checkpoint.load(src.path, config, map_location="cpu", use_ema=src.use_ema)
     model = ckpt.model.to(device).eval()
     try:
-        sampler = Sampler(dyn, model, steps=args.steps, mode=args.mode, backend=args.backend, solver=args.solver,
+        sampler = Sampler(dyn, model, steps=args.steps, mode=args.mode, time_weight=src.time_weight,
+                          backend=args.backend, solver=args.solver,
                           device=device, precision=args.precision, compile=args.compile,
                           cuda_graphs=args.cuda_graphs, num_classes=config.num_classes,
                           progress=args.progress and dist.rank == 0)
