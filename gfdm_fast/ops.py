@@ -57,8 +57,8 @@ def _triton_runs_on(device_type):
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
-def available_backends(device="cpu"):
-    """Backends that can run ops on tensors of ``device``, fastest first."""
+def available_backends(device="cpu", op=None):
+    """Backends that can run ops (``op``, if given) on tensors of ``device``, fastest first."""
     dev = torch.device(device).type
     order = ("cuda", "triton", "torch") if dev == "cuda" else ("cpp", "triton", "torch")
     out = []
@@ -67,14 +67,14 @@ def available_backends(device="cpu"):
             continue
         if name == "triton" and not _triton_runs_on(dev):
             continue
-        if name == "torch" or _try_load(name):
+        if (name == "torch" or _try_load(name)) and (op is None or op in _IMPLS[name]):
             out.append(name)
     return out
 
 
-def resolve_backend(backend, device):
-    """'auto' -> the fastest backend for ``device`` (GFDM_BACKEND overrides); validate explicit names."""
-    avail = available_backends(device)
+def resolve_backend(backend, device, op=None):
+    """'auto' -> the fastest backend for ``device`` that has ``op`` (GFDM_BACKEND overrides); validate names."""
+    avail = available_backends(device, op)
     if backend in (None, "auto"):
         env = os.environ.get("GFDM_BACKEND")
         if env and env != "auto":
@@ -87,6 +87,8 @@ def resolve_backend(backend, device):
         raise ValueError(f"unknown backend {backend!r}: choose auto or one of {', '.join(BACKENDS)}")
     if backend not in avail:
         why = _LOAD_ERRORS.get(backend, "not available for this device")
+        if backend in _IMPLS and op is not None and op not in _IMPLS[backend]:
+            why = f"it has no {op} kernel"
         hint = {"cpp": "reinstall with `pip install --no-build-isolation -e .` to build the C++ extension",
                 "cuda": "needs a GPU and the extension built with nvcc (GFDM_FORCE_CUDA=1)",
                 "triton": "needs a CUDA device, or TRITON_INTERPRET=1 for CPU tensors"}.get(backend, "")
@@ -271,7 +273,6 @@ def exp_step(z, e, x_in, hist, table, step, seeds=None, noise=None, *, order=Non
         _check_seeds_noise(seeds, noise, B, tuple(z.shape), z.device)
         if noise is not None:
             _need(noise.dtype == z.dtype, f"noise must be {z.dtype}, got {noise.dtype}")
-    backend = resolve_backend(backend, z.device)
+    backend = resolve_backend(backend, z.device, "exp_step")
     _need(backend == "torch" or z.dtype == torch.float32, f"backend {backend!r} computes in float32; use backend='torch' for float64")
-    _need("exp_step" in _IMPLS[backend], f"backend {backend!r} has no exp_step yet; use backend='torch'")
     _exp_step_op(z, e, x_in, hist, table, _step_tensor(step, z.device), int(order), seeds, noise, bool(noisy), backend)

@@ -39,6 +39,7 @@ class MixtureOracle:
     def __init__(self, dyn: Dynamics, mixture=GaussianMixture(), *, time_weight=999.0, round_to=None):
         self.dyn, self.mix, self.time_weight, self.round_to = dyn, mixture, time_weight, round_to
         self._cache = {}
+        self._params = {}
 
     def _coef(self, s):
         key = float(s)
@@ -55,9 +56,10 @@ class MixtureOracle:
             raise ValueError("the oracle expects one time per call")
         c, sig = self._coef(s_vals[0].item())
         xd = x.double()
-        w = torch.tensor(self.mix.weights, dtype=torch.float64, device=x.device)
-        m = torch.tensor(self.mix.means, dtype=torch.float64, device=x.device)
-        sd = torch.tensor(self.mix.stds, dtype=torch.float64, device=x.device)
+        if x.device not in self._params:
+            self._params[x.device] = tuple(torch.tensor(v, dtype=torch.float64, device=x.device)
+                                           for v in (self.mix.weights, self.mix.means, self.mix.stds))
+        w, m, sd = self._params[x.device]
         var = c * c * sd * sd + sig * sig                                   # marginal variance of each component
         xe = xd[..., None]
         logp = torch.log(w) - 0.5 * torch.log(var) - 0.5 * (xe - c * m) ** 2 / var

@@ -64,7 +64,7 @@ class Sampler:
         self.device = torch.device(device) if device is not None else _model_device(model)
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs a CUDA device")
-        self.backend = ops.resolve_backend(backend, self.device)
+        self.backend = ops.resolve_backend(backend, self.device, "em_step" if solver == "em" else "exp_step")
         if solver == "em":
             if order is not None or grid is not None or denoise:
                 raise ValueError("order, grid and denoise belong to solver='exp'")
@@ -195,12 +195,9 @@ class Sampler:
         x_in.copy_(bufs["x_in"])
         return z
 
-    def _labels_for(self, seeds, labels, i0, b):
+    def _labels_for(self, seeds, chunk, labels):
         if labels is not None:
-            y = torch.as_tensor(labels[i0:i0 + b]).to(self.device, torch.int64)
-            if y.shape != (b,):
-                raise ValueError(f"labels must hold one class per image: got shape {tuple(y.shape)} for {b} images")
-            return y
+            return labels[torch.tensor(chunk)].to(self.device)
         if self.num_classes:
             return draw_labels(seeds, self.num_classes).to(self.device)
         return None
@@ -218,6 +215,10 @@ class Sampler:
         if len(shape) != 3:
             raise ValueError(f"shape must be (C, H, W), got {shape}")
         idx = list(range(start, num)) if indices is None else list(indices)
+        if labels is not None:
+            labels = torch.as_tensor(labels).to("cpu", torch.int64)
+            if labels.shape != (num,):
+                raise ValueError(f"labels must hold one class per image: got shape {tuple(labels.shape)} for {num} images")
         batch_size = int(batch_size or len(idx) or 1)
         K = self.dyn.num_aug
         bar = None
@@ -231,8 +232,7 @@ class Sampler:
                 chunk = idx[j:j + batch_size]
                 b = len(chunk)
                 seeds = torch.tensor([seed + i for i in chunk], dtype=torch.int64, device=self.device)
-                y = self._labels_for(seeds, None if labels is None else [labels[i] for i in chunk], 0, b) \
-                    if labels is not None else self._labels_for(seeds, None, 0, b)
+                y = self._labels_for(seeds, chunk, labels)
                 z = torch.empty((K + 1, b, *shape), dtype=torch.float32, device=self.device)
                 x_in = torch.empty((b, *shape), dtype=torch.float32, device=self.device)
                 ops.prior_draw(z, x_in, self.table, seeds, backend=self.backend)
