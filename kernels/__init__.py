@@ -10,6 +10,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 from gfdm_fast import ops
 
-from . import em_step, noising, prior   # the modules stay reachable as gfdm_fast.kernels.<op>
+from . import em_step, exp_step, noising, prior   # the modules stay reachable as gfdm_fast.kernels.<op>
 
-ops.register_backend("triton", {"em_step": em_step.em_step, "prior": prior.prior, "noising": noising.noising})
+ops.register_backend("triton", {"em_step": em_step.em_step, "prior": prior.prior, "noising": noising.noising,
+                              "exp_step": exp_step.exp_step})
