@@ -59,11 +59,12 @@ def run(args):
     clock = "thread CPU time" if bench.cpu_clock_is_thread_time(device) else "wall time"
     print(f"throughput on {bench.describe(device)}, torch {torch.__version__}, {datetime.date.today().isoformat()}; "
           f"clock: {clock}", flush=True)
+    details = []
     rows = bench.run_benchmark(device, quick=args.quick, presets=tuple(args.preset), variants=args.variants,
                                ks=tuple(args.num_aug), batch=args.batch, steps=args.steps, repeats=args.repeats,
-                               log=lambda m: print(m, flush=True))
+                               log=lambda m: print(m, flush=True), details=details)
     print()
-    print(bench.format_table(rows))
+    print(bench.format_table(rows, details))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1) + "\n")

@@ -165,6 +165,13 @@ def interleaved(forward, run, device, *, steps, repeats, warmup, before_run=None
     return statistics.median(fw), statistics.median(rn), statistics.median(ratio)
 
 
+def _median_per_call(fn, device, min_time=0.2, repeats=5):
+    """Median seconds per call of a cheap ``fn``: groups of calls filling ``min_time`` each."""
+    fn()
+    group = max(1, int(min_time / max(_timed(fn, device), 1e-7)))
+    return statistics.median(_timed(fn, device, group) / group for _ in range(repeats))
+
+
 class PeakMemory:
     """Peak memory over a ``with`` block in MB: CUDA allocator peak, or process RSS sampled every 5 ms."""
 
@@ -234,8 +241,13 @@ class Network:
         return (c.in_channels, c.image_size, c.image_size)
 
 
-def measure(network: Network, K, sizes: Sizes):
-    """One row: ``{variant, preset, batch, K, device, images_nfe_per_s, step_over_forward, peak_mem_mb}``."""
+def measure(network: Network, K, sizes: Sizes, details=None):
+    """One row: ``{variant, preset, batch, K, device, images_nfe_per_s, step_over_forward, peak_mem_mb}``.
+
+    ``details`` (a list) receives the medians behind it plus ``overhead_s``: one step with a zero-cost
+    network (a fixed output tensor), i.e. the step's own work, timed over many calls. ``1 + overhead_s /
+    forward_s`` is a second reading of step_over_forward that the load noise of a forward does not swamp.
+    """
     from gfdm_fast import Sampler
     from gfdm_fast import ops
     from gfdm_fast import reference as ref
@@ -251,14 +263,22 @@ def measure(network: Network, K, sizes: Sizes):
     x = torch.randn(B, C, H, W, generator=gen).to(device)
     s = torch.full((B,), 999.0 * 0.5, device=device)
 
+    e_fixed = 0.1 * torch.randn(B, C, H, W, generator=gen).to(device)
+
+    def zero_cost(x_, s_, y_):
+        return e_fixed
+
     with torch.no_grad():
         if not sw.fused:
             shape = (B, C, H, W) if K == 0 else (B, C, H, W, K + 1)
             z_T = torch.randn(*shape, generator=gen).to(device)
 
-            def run():  # the official run: all noise drawn up front, then the unfused loop
+            def run(model=network.fn):  # the official run: all noise drawn up front, then the unfused loop
                 noise = torch.randn(B, S + 1, C, H, W, device=device)
-                ref.sample_em(network.fn, dyn, z_T, noise, steps=S, mode="sde", labels=labels)
+                ref.sample_em(model, dyn, z_T, noise, steps=S, mode="sde", labels=labels)
+
+            def overhead():
+                run(zero_cost)
 
             def forward():
                 network.fn(x, s, labels)
@@ -278,6 +298,14 @@ def measure(network: Network, K, sizes: Sizes):
             def run():
                 sampler.run(z, x_in, labels, seeds)
 
+            bare = Sampler(dyn, zero_cost, steps=S, mode="sde", device=device, precision=sw.precision,
+                           cuda_graphs=sw.cuda_graphs, channels_last=sw.channels_last)
+            zb, xb = z0.clone(), x0.clone()
+
+            def overhead():
+                zb.copy_(z0), xb.copy_(x0)
+                bare.run(zb, xb, labels, seeds)
+
             x_fwd = x.contiguous(memory_format=torch.channels_last) if sw.channels_last else x
 
             def forward():
@@ -288,13 +316,17 @@ def measure(network: Network, K, sizes: Sizes):
         with PeakMemory(device) as mem:
             fwd_s, run_s, ratio = interleaved(forward, run, device, steps=S, repeats=sizes.repeats,
                                               warmup=sizes.warmup, before_run=before_run)
+        overhead_s = _median_per_call(overhead, device) / S
+    if details is not None:
+        details.append({"variant": network.variant, "preset": network.preset, "K": K, "forward_s": fwd_s,
+                        "step_s": run_s / S, "overhead_s": overhead_s})
     return {"variant": network.variant, "preset": network.preset, "batch": B, "K": K, "device": device.type,
             "images_nfe_per_s": round(B * S / run_s, 4), "step_over_forward": round(ratio, 4),
             "peak_mem_mb": round(mem.mb, 1)}
 
 
 def run_benchmark(device="cpu", *, quick=True, presets=PRESETS, variants=None, ks=KS, batch=None, steps=None,
-                  repeats=None, log=print):
+                  repeats=None, log=print, details=None):
     """Every row of the plan for ``device``; ``batch``/``steps``/``repeats`` override the default sizes.
     ``official`` rows run at ``batch`` too (gpu_check.sh runs them separately at a smaller batch)."""
     device = torch.device(device)
@@ -309,7 +341,7 @@ def run_benchmark(device="cpu", *, quick=True, presets=PRESETS, variants=None, k
         network = Network(preset, v, device)
         for K in ks:
             t0 = time.perf_counter()
-            row = measure(network, K, sizes)
+            row = measure(network, K, sizes, details)
             rows.append(row)
             log(f"  {v:11s} {preset:8s} K={K} batch {row['batch']:5d}: {row['images_nfe_per_s']:12.3f} img*NFE/s, "
                 f"step/forward {row['step_over_forward']:.4f} ({time.perf_counter() - t0:.0f} s)")
@@ -327,16 +359,24 @@ def describe(device):
     return f"CPU {platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
-def format_table(rows):
-    """The rows as a text table, with each row's speed-up over ``official`` at the same (preset, K)."""
+def format_table(rows, details=None):
+    """The rows as a text table, with each row's speed-up over ``official`` at the same (preset, K);
+    with ``details`` (from run_benchmark) also the forward, the step's own work and 1 + op / forward."""
     base = {(r["preset"], r["K"]): r["images_nfe_per_s"] for r in rows if r["variant"] == "official"}
+    more = {(d["variant"], d["preset"], d["K"]): d for d in (details or [])}
     out = [f"{'variant':11s} {'preset':8s} {'K':>2s} {'batch':>6s} {'device':>6s} {'img*NFE/s':>12s} "
-           f"{'step/fwd':>9s} {'peak MB':>9s} {'x official':>10s}"]
+           f"{'step/fwd':>9s} {'peak MB':>9s} {'x official':>10s}"
+           + (f" {'fwd ms':>9s} {'op ms':>9s} {'1+op/fwd':>9s}" if details else "")]
     for r in rows:
         b = base.get((r["preset"], r["K"]))
         speed = f"{r['images_nfe_per_s'] / b:10.2f}" if b else f"{'':>10s}"
-        out.append(f"{r['variant']:11s} {r['preset']:8s} {r['K']:2d} {r['batch']:6d} {r['device']:>6s} "
-                   f"{r['images_nfe_per_s']:12.3f} {r['step_over_forward']:9.4f} {r['peak_mem_mb']:9.1f} {speed}")
+        line = (f"{r['variant']:11s} {r['preset']:8s} {r['K']:2d} {r['batch']:6d} {r['device']:>6s} "
+                f"{r['images_nfe_per_s']:12.3f} {r['step_over_forward']:9.4f} {r['peak_mem_mb']:9.1f} {speed}")
+        d = more.get((r["variant"], r["preset"], r["K"]))
+        if d:
+            line += (f" {d['forward_s'] * 1e3:9.2f} {d['overhead_s'] * 1e3:9.4f} "
+                     f"{1 + d['overhead_s'] / d['forward_s']:9.5f}")
+        out.append(line)
     return "\n".join(out)
 
 

@@ -35,10 +35,11 @@ def run(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.set_grad_enabled(False)
     print(f"gfdm-fast bench (quick) on {bench.describe(device)}, torch {torch.__version__}", flush=True)
+    details = []
     rows = bench.run_benchmark(device, quick=True, presets=tuple(args.preset), ks=tuple(args.num_aug),
-                               log=lambda m: print(m, flush=True))
+                               log=lambda m: print(m, flush=True), details=details)
     print()
-    print(bench.format_table(rows))
+    print(bench.format_table(rows, details))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
