@@ -46,7 +46,7 @@ def main(argv=None):
         return 2
     try:
         result = importlib.import_module(args._module).run(args)
-    except (UserError, FileNotFoundError) as err:
+    except (UserError, ValueError, FileNotFoundError) as err:
         print(f"gfdm-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
