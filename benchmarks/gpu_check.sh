@@ -56,11 +56,11 @@ assert 'cuda' in ops.available_backends('cuda'), 'the cuda backend did not load'
 print('cuda backend loaded')"
 
 # --- 2. GPU tests, natively (Triton compiled, not interpreted) ---------------------------------------
-# tests/test_fid.py and tests/test_vendi.py import pytorch-fid (via gfdm_fast.metrics): without it they
-# cannot even be collected, so they are left out rather than breaking collection.
+# tests/test_fid.py, test_vendi.py and test_generate.py import pytorch-fid (or vendi-score) at module level:
+# without them they cannot even be collected, so they are left out rather than breaking collection.
 IGNORE=()
-if ! "$PY" -c 'import pytorch_fid' 2>/dev/null; then
-  IGNORE=(--ignore=tests/test_fid.py --ignore=tests/test_vendi.py)
+if ! "$PY" -c 'import pytorch_fid, vendi_score' 2>/dev/null; then
+  IGNORE=(--ignore=tests/test_fid.py --ignore=tests/test_vendi.py --ignore=tests/test_generate.py)
 fi
 stage pytest_gpu 60 env TRITON_INTERPRET=0 "$PY" -m pytest -q -x -m gpu "${IGNORE[@]}" tests
 stage pytest_cuda_ops 45 env TRITON_INTERPRET=0 "$PY" -m pytest -q -k cuda tests/test_ops.py tests/test_exp_step.py
