@@ -1,8 +1,9 @@
 // gfdm_fast._C: the fused GFDM sampler ops on CPU (OpenMP over pixels), and the CUDA entry points
 // (csrc/gfdm_ops_cuda.cu) when built with -DGFDM_WITH_CUDA.
 //
-// What is computed is defined by gfdm_fast.reference (em_step_planar, prior_planar, noising), the
-// step-table row layout by gfdm_fast.schedule, the noise by gfdm_fast.philox:
+// What is computed is defined by gfdm_fast.reference (em_step_planar, prior_planar, noising,
+// exp_step_planar), the step-table row layouts by gfdm_fast.schedule and gfdm_fast.expint, the noise
+// by gfdm_fast.philox:
 //   Philox4x32-10, counter (element, step, stream, component), key (seed low32, seed high32),
 //   u = ((x >> 9) * 2 + 1) 2^-24, normal = sqrt(-2 ln u0) cos(2 pi u1) in float32.
 // log and cos are written out here, branch-free series in double rounded once to float32
@@ -57,6 +58,11 @@ const char* prior_cuda_launch(float* z, float* x_in, const float* prior, const i
 const char* noising_cuda_launch(const float* x0, const float* mean_scale, const float* sigma_c,
                                 const int64_t* seeds, const int64_t* step, const float* eps, float* x_in,
                                 float* eps_out, int64_t B, int64_t P, void* stream);
+// order in 1..3 (hist: max(order-1, 1) planes); noise (K+1 planes) or seeds only read when noisy
+const char* exp_step_cuda_launch(float* z, const float* e, float* x_in, float* hist, const float* table,
+                                 int64_t steps, const int64_t* step, int order, const int64_t* seeds,
+                                 const float* noise, bool noisy, int64_t B, int64_t P, int K, void* stream);
+constexpr int kExpCudaMaxK1 = 64;  // the any-K exp kernel keeps K+1 values per pixel in a local array
 #endif
 
 namespace {
@@ -64,7 +70,8 @@ namespace {
 // ---- step-table layout (gfdm_fast.schedule) and Philox streams (gfdm_fast.philox) -------------
 constexpr int kEmFixed = 6;  // a_x, cG0, c, u, nx, ny, then b(K), a_y(K), q(K), alpha_next(K)
 enum { COL_AX = 0, COL_CG0, COL_C, COL_U, COL_NX, COL_NY };
-constexpr uint32_t kStreamEm = 0, kStreamPrior = 1, kStreamTrain = 2;
+constexpr uint32_t kStreamEm = 0, kStreamPrior = 1, kStreamTrain = 2, kStreamExp = 3;
+constexpr int kExpFixed = 2;  // gfdm_fast.expint: p, q of d = p x_in + q e, then Phi, w_cur, w_hist, L, alpha_next
 constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u, kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
 constexpr int64_t kChunk = 1024;  // pixels per task: Philox buffer stays in L1 (4 KiB)
 
@@ -433,6 +440,150 @@ struct NoisingBody {
   }
 };
 
+// ---- exponential-integrator step (reference.exp_step_planar, gfdm_fast.expint row layout) --------
+// Row: p, q, Phi ((K+1)^2 row-major), w_cur (K+1), w_hist ((R-1)(K+1), ring-slot order), L ((K+1)^2
+// row-major), alpha_next (K). d = p x_in + q e; Z' = Phi Z + w_cur d + sum_s w_hist[s] hist[s] (+ L xi);
+// hist[step mod] = d; x_in = X' - alpha_next . Y'.
+struct ExpArgs {
+  float* z; const float* e; float* x_in; float* hist; const float* row; const float* noise; const int64_t* seeds;
+  int64_t N;            // pixels per plane (B * P)
+  int K, nh, slot;      // nh = R - 1 history planes, slot = step mod nh (the one written)
+  uint32_t step; bool noisy;
+  Tiling tile;
+};
+
+// A task of kChunk pixels is walked in blocks of kExpSub, so the K+1 noise and term buffers stay in L1.
+constexpr int kExpSub = 256;
+
+// The terms of one block that do not involve Z, plane by plane (any K, vectorised over pixels):
+// acc_i = w_cur_i d + sum_s w_hist[s]_i hist[s] (+ sum_c L_ic xi_c), then hist[slot] = d once read.
+// acc and xi_buf hold K1 planes of kExpSub floats.
+template <bool Avx2>
+GFDM_INLINE void exp_terms(const ExpArgs& a, int K1, const Task& t, int s0, int len, float* __restrict acc,
+                           float* __restrict xi_buf) {
+  const float* r = a.row;
+  const float *wc = r + kExpFixed + K1 * K1, *wh = wc + K1, *L = wh + a.nh * K1;
+  const int64_t off = t.off + s0;
+  const float p = r[0], q = r[1];
+  const float* __restrict x = a.x_in + off;
+  const float* __restrict e = a.e + off;
+  alignas(64) float d[kExpSub];
+#pragma omp simd
+  for (int j = 0; j < len; ++j) d[j] = p * x[j] + q * e[j];  // x_in read before it is overwritten
+  for (int i = 0; i < K1; ++i) {
+    float* __restrict ai = acc + i * kExpSub;
+    const float w = wc[i];
+#pragma omp simd
+    for (int j = 0; j < len; ++j) ai[j] = w * d[j];
+    for (int s = 0; s < a.nh; ++s) {
+      const float ws = wh[s * K1 + i];
+      const float* __restrict h = a.hist + s * a.N + off;
+#pragma omp simd
+      for (int j = 0; j < len; ++j) ai[j] += ws * h[j];
+    }
+  }
+  if (a.noisy) {
+    if (!a.noise) {
+      const Key key = key_of(a.seeds[t.b]);
+      for (int c = 0; c < K1; ++c)
+        fill_normals<Avx2>(xi_buf + c * kExpSub, t.p0 + s0, len, a.step, kStreamExp, uint32_t(c), key);
+    }
+    for (int c = 0; c < K1; ++c) {
+      const float* __restrict xc = a.noise ? a.noise + c * a.N + off : xi_buf + c * kExpSub;
+      for (int i = 0; i < K1; ++i) {
+        const float l = L[i * K1 + c];  // the full matrix, as the reference multiplies it
+        float* __restrict ai = acc + i * kExpSub;
+#pragma omp simd
+        for (int j = 0; j < len; ++j) ai[j] += l * xc[j];
+      }
+    }
+  }
+  if (a.nh > 0) {
+    float* __restrict hw = a.hist + a.slot * a.N + off;
+#pragma omp simd
+    for (int j = 0; j < len; ++j) hw[j] = d[j];
+  }
+}
+
+// KT >= 0: K fixed at compile time, Phi Z per pixel in registers; KT < 0: any K, plane by plane.
+template <int KT, bool Avx2>
+struct ExpBody {
+  using Args = ExpArgs;
+  static GFDM_INLINE void run(const ExpArgs& a, int64_t i) {
+    const Task t = task_of(a.tile, i);
+    const float* r = a.row;
+    float* __restrict xo = a.x_in + t.off;
+    if constexpr (KT >= 0) {
+      constexpr int K1 = KT + 1, KA = KT > 0 ? KT : 1;
+      const float* an_row = r + kExpFixed + 2 * K1 * K1 + (a.nh + 1) * K1;
+      float phi[K1 * K1], an[KA];
+      float* Z[K1];
+      for (int k = 0; k < K1 * K1; ++k) phi[k] = r[kExpFixed + k];
+      for (int k = 0; k < KT; ++k) an[k] = an_row[k];
+      for (int c = 0; c < K1; ++c) Z[c] = a.z + c * a.N + t.off;
+      alignas(64) float acc[K1 * kExpSub];
+      alignas(64) float xi_buf[K1 * kExpSub];
+      for (int s0 = 0; s0 < t.len; s0 += kExpSub) {
+        const int len = std::min(kExpSub, t.len - s0);
+        exp_terms<Avx2>(a, K1, t, s0, len, acc, xi_buf);
+        // Indexed by j alone (setup.py builds with Python's -fwrapv, under which s0 + j is not affine and
+        // the loop stays scalar), and the K1 x K1 loops must unroll completely (GCC gives up at K = 8).
+        float* Zs[K1];
+        for (int c = 0; c < K1; ++c) Zs[c] = Z[c] + s0;
+        float* xs = xo + s0;
+#pragma omp simd
+        for (int j = 0; j < len; ++j) {
+          float zc[K1];
+#pragma GCC unroll 16
+          for (int c = 0; c < K1; ++c) zc[c] = Zs[c][j];
+          float x0 = 0.0f, ay_sum = 0.0f;
+#pragma GCC unroll 16
+          for (int row = 0; row < K1; ++row) {
+            float v = acc[row * kExpSub + j];
+#pragma GCC unroll 16
+            for (int c = 0; c < K1; ++c) v += phi[row * K1 + c] * zc[c];
+            Zs[row][j] = v;
+            if (row == 0) x0 = v;
+            else ay_sum += an[row - 1] * v;
+          }
+          xs[j] = x0 - ay_sum;  // next network input X' - alpha_next . Y'
+        }
+      }
+    } else {
+      const int K = a.K, K1 = K + 1;
+      const float* phi = r + kExpFixed;
+      const float* an = r + kExpFixed + 2 * K1 * K1 + (a.nh + 1) * K1;
+      std::vector<float> acc_v(size_t(K1) * kExpSub), xi_v(a.noisy && !a.noise ? size_t(K1) * kExpSub : 0);
+      float* acc = acc_v.data();
+      for (int s0 = 0; s0 < t.len; s0 += kExpSub) {
+        const int len = std::min(kExpSub, t.len - s0);
+        exp_terms<Avx2>(a, K1, t, s0, len, acc, xi_v.data());
+        for (int row = 0; row < K1; ++row) {
+          float* __restrict ar = acc + row * kExpSub;
+          for (int c = 0; c < K1; ++c) {
+            const float w = phi[row * K1 + c];
+            const float* __restrict zc = a.z + c * a.N + t.off + s0;
+#pragma omp simd
+            for (int j = 0; j < len; ++j) ar[j] += w * zc[j];
+          }
+        }
+        // all of Z read: write Z' and the next input
+        float* __restrict x = xo + s0;
+        for (int row = 0; row < K1; ++row) {
+          const float* __restrict ar = acc + row * kExpSub;
+          float* __restrict zr = a.z + row * a.N + t.off + s0;
+          const float w = row ? -an[row - 1] : 1.0f;
+#pragma omp simd
+          for (int j = 0; j < len; ++j) {
+            zr[j] = ar[j];
+            x[j] = (row ? x[j] : 0.0f) + w * ar[j];
+          }
+        }
+      }
+    }
+  }
+};
+
 // Each task body is compiled twice, for the baseline ISA and for AVX2+FMA (the always-inline body
 // takes the ISA of its caller); cpu_has_avx2() picks one at run time.
 using EmFn = void (*)(const EmArgs&, int64_t);
@@ -444,6 +595,11 @@ void prior_task_base(const PriorArgs& a, int64_t i) { PriorBody<false>::run(a, i
 GFDM_AVX2 void prior_task_avx2(const PriorArgs& a, int64_t i) { PriorBody<bool(GFDM_X86)>::run(a, i); }
 void noising_task_base(const NoisingArgs& a, int64_t i) { NoisingBody<false>::run(a, i); }
 GFDM_AVX2 void noising_task_avx2(const NoisingArgs& a, int64_t i) { NoisingBody<bool(GFDM_X86)>::run(a, i); }
+using ExpFn = void (*)(const ExpArgs&, int64_t);
+template <int KT> void exp_task_base(const ExpArgs& a, int64_t i) { ExpBody<KT, false>::run(a, i); }
+template <int KT> GFDM_AVX2 void exp_task_avx2(const ExpArgs& a, int64_t i) { ExpBody<KT, bool(GFDM_X86)>::run(a, i); }
+template <int KT> ExpFn exp_fn() { return cpu_has_avx2() ? &exp_task_avx2<KT> : &exp_task_base<KT>; }
+
 auto prior_fn() { return cpu_has_avx2() ? &prior_task_avx2 : &prior_task_base; }
 auto noising_fn() { return cpu_has_avx2() ? &noising_task_avx2 : &noising_task_base; }
 
@@ -560,6 +716,46 @@ void check_noising(const at::Tensor& x0, const at::Tensor& mean_scale, const at:
   }
 }
 
+// Returns K. `noise` and `seeds` are only needed (and checked) when `noisy`.
+int64_t check_exp(const at::Tensor& z, const at::Tensor& e, const at::Tensor& x_in, const at::Tensor& hist,
+                  const at::Tensor& table, const at::Tensor& step, int64_t order,
+                  const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& noise, bool noisy,
+                  c10::DeviceType dev) {
+  check_f32(z, "z", dev);
+  TORCH_CHECK(z.dim() == 5, "gfdm: z must be the planar augmented state (K+1, B, C, H, W), got ", z.sizes());
+  const int64_t K = z.size(0) - 1;
+  TORCH_CHECK(K >= 0, "gfdm: z needs at least the X plane");
+  TORCH_CHECK(order >= 1 && order <= 3, "gfdm: order must be 1, 2 or 3, got ", order);
+  const auto img = z.sizes().slice(1);
+  for (auto [x, name] : {std::pair<const at::Tensor&, const char*>{e, "e"}, {x_in, "x_in"}, {hist, "hist"},
+                         {table, "table"}}) {
+    check_same(x, name, z);
+    check_f32(x, name, dev);
+  }
+  check_shape(e, "e", img);
+  check_shape(x_in, "x_in", img);
+  std::vector<int64_t> hist_shape{std::max<int64_t>(order - 1, 1)};
+  hist_shape.insert(hist_shape.end(), img.begin(), img.end());
+  check_shape(hist, "hist", hist_shape);
+  const int64_t K1 = K + 1, width = kExpFixed + 2 * K1 * K1 + order * K1 + K;
+  TORCH_CHECK(table.dim() == 2 && table.size(1) == width, "gfdm: the exp step table must be (steps, ", width,
+              ") for K = ", K, ", order = ", order, ", got ", table.sizes(), ": build it from the dynamics that made z");
+  TORCH_CHECK(table.size(0) > 0, "gfdm: the step table is empty");
+  check_step(step, z);
+  if (noisy) {
+    if (noise.has_value()) {
+      check_same(*noise, "noise", z);
+      check_f32(*noise, "noise", dev);
+      check_shape(*noise, "noise", z.sizes());
+    } else {
+      check_seeds(seeds, z.size(1), z);
+    }
+  }
+  TORCH_CHECK(z.size(1) == 0 || z[0][0].numel() <= (int64_t(1) << 32), "gfdm: images of more than 2^32 pixels "
+              "exceed the Philox element counter");
+  return K;
+}
+
 }  // namespace
 
 // ---- CPU entry points --------------------------------------------------------------------------
@@ -617,6 +813,35 @@ void noising_cpu(const at::Tensor& x0, const at::Tensor& mean_scale, const at::T
   run_tasks(noising_fn(), a, a.tile.tasks(B), x0.numel());
 }
 
+void exp_step_cpu(at::Tensor z, const at::Tensor& e, at::Tensor x_in, at::Tensor hist, const at::Tensor& table,
+                  const at::Tensor& step, int64_t order, const std::optional<at::Tensor>& seeds,
+                  const std::optional<at::Tensor>& noise, bool noisy) {
+  const int64_t K = check_exp(z, e, x_in, hist, table, step, order, seeds, noise, noisy, c10::kCPU);
+  const int64_t n = step.item<int64_t>(), steps = table.size(0);
+  TORCH_CHECK(0 <= n && n < steps, "gfdm: step ", n, " is outside the step table (", steps, " steps)");
+  const int64_t B = z.size(1);
+  if (B == 0 || z[0][0].numel() == 0) return;
+  const int nh = int(order) - 1;
+  ExpArgs a{z.data_ptr<float>(), e.data_ptr<float>(), x_in.data_ptr<float>(), hist.data_ptr<float>(),
+            table.data_ptr<float>() + n * table.size(1), noisy && noise ? noise->data_ptr<float>() : nullptr,
+            noisy && !noise ? seeds->data_ptr<int64_t>() : nullptr, z[0].numel(), int(K), nh,
+            nh > 0 ? int(n % nh) : 0, uint32_t(uint64_t(n)), noisy, tiling(z[0][0].numel())};
+  ExpFn fn = nullptr;
+  switch (K) {
+    case 0: fn = exp_fn<0>(); break;
+    case 1: fn = exp_fn<1>(); break;
+    case 2: fn = exp_fn<2>(); break;
+    case 3: fn = exp_fn<3>(); break;
+    case 4: fn = exp_fn<4>(); break;
+    case 5: fn = exp_fn<5>(); break;
+    case 6: fn = exp_fn<6>(); break;
+    case 7: fn = exp_fn<7>(); break;
+    case 8: fn = exp_fn<8>(); break;
+    default: fn = exp_fn<-1>(); break;
+  }
+  run_tasks(fn, a, a.tile.tasks(B), a.N * (K + 1));
+}
+
 #ifdef GFDM_WITH_CUDA
 // ---- CUDA entry points: same checks, then the launchers of csrc/gfdm_ops_cuda.cu -----------------
 namespace {
@@ -668,6 +893,23 @@ void noising_cuda(const at::Tensor& x0, const at::Tensor& mean_scale, const at::
                               c10::cuda::getCurrentCUDAStream().stream()),
           "noising");
 }
+void exp_step_cuda(at::Tensor z, const at::Tensor& e, at::Tensor x_in, at::Tensor hist, const at::Tensor& table,
+                   const at::Tensor& step, int64_t order, const std::optional<at::Tensor>& seeds,
+                   const std::optional<at::Tensor>& noise, bool noisy) {
+  const int64_t K = check_exp(z, e, x_in, hist, table, step, order, seeds, noise, noisy, c10::kCUDA);
+  TORCH_CHECK(K + 1 <= kExpCudaMaxK1, "gfdm: the CUDA exp_step supports K <= ", kExpCudaMaxK1 - 1, ", got K = ", K,
+              ": use backend='torch'");
+  const int64_t B = z.size(1);
+  if (B == 0 || z[0][0].numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(z.device());
+  // step stays on the device (no host sync): the kernel picks the row and the history slot
+  cuda_ok(exp_step_cuda_launch(z.data_ptr<float>(), e.data_ptr<float>(), x_in.data_ptr<float>(),
+                               hist.data_ptr<float>(), table.data_ptr<float>(), table.size(0),
+                               step.data_ptr<int64_t>(), int(order), noisy && !noise ? ptr<int64_t>(seeds) : nullptr,
+                               noisy ? ptr<float>(noise) : nullptr, noisy, B, z[0][0].numel(), int(K),
+                               c10::cuda::getCurrentCUDAStream().stream()),
+          "exp_step");
+}
 #endif
 
 bool has_cuda() {
@@ -689,6 +931,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "seeds"_a = pybind11::none(), "noise"_a = pybind11::none());
   m.def("noising", &gfdm::noising_cpu, "Training input c x0 + sigma_c eps and eps (CPU)", "x0"_a, "mean_scale"_a,
         "sigma_c"_a, "seeds"_a, "step"_a, "x_in"_a, "eps_out"_a, "eps"_a = pybind11::none());
+  m.def("exp_step", &gfdm::exp_step_cpu, "Fused exponential-integrator step in place (CPU)", "z"_a, "e"_a, "x_in"_a,
+        "hist"_a, "table"_a, "step"_a, "order"_a, "seeds"_a = pybind11::none(), "noise"_a = pybind11::none(),
+        "noisy"_a = false);
   m.def("has_cuda", &gfdm::has_cuda, "Whether the CUDA kernels were compiled in");
   m.def("cpu_isa", [] { return gfdm::cpu_has_avx2() ? "avx2" : "generic"; }, "Instruction set the CPU kernels use");
 #ifdef GFDM_WITH_CUDA
@@ -698,5 +943,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "seeds"_a = pybind11::none(), "noise"_a = pybind11::none());
   m.def("noising_cuda", &gfdm::noising_cuda, "Training noising (CUDA)", "x0"_a, "mean_scale"_a, "sigma_c"_a,
         "seeds"_a, "step"_a, "x_in"_a, "eps_out"_a, "eps"_a = pybind11::none());
+  m.def("exp_step_cuda", &gfdm::exp_step_cuda, "Fused exponential-integrator step in place (CUDA)", "z"_a, "e"_a,
+        "x_in"_a, "hist"_a, "table"_a, "step"_a, "order"_a, "seeds"_a = pybind11::none(),
+        "noise"_a = pybind11::none(), "noisy"_a = false);
 #endif
 }

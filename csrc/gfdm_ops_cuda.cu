@@ -1,8 +1,10 @@
-// gfdm_fast._C CUDA kernels: the fused Euler-Maruyama step, the prior draw and the training noising.
+// gfdm_fast._C CUDA kernels: the fused Euler-Maruyama step, the prior draw, the training noising and
+// the exponential-integrator step.
 //
-// The same ops as csrc/gfdm_ops.cpp (defined by gfdm_fast.reference, gfdm_fast.schedule and
-// gfdm_fast.philox); gfdm_ops.cpp checks the arguments and calls the launchers below with raw
-// pointers and the current stream, so this file needs no torch headers and compiles on its own.
+// The same ops as csrc/gfdm_ops.cpp (defined by gfdm_fast.reference, gfdm_fast.schedule,
+// gfdm_fast.expint and gfdm_fast.philox); gfdm_ops.cpp checks the arguments and calls the launchers
+// below with raw pointers and the current stream, so this file needs no torch headers and compiles
+// on its own.
 // `step` is read on the device (no host sync: a step can be captured in a CUDA graph); a step
 // outside the table cannot raise without a sync, so it writes NaN instead of reading past the table.
 // setup.py compiles with --use_fast_math: the noise math uses the __*_rn intrinsics, which that
@@ -16,7 +18,7 @@ namespace {
 
 constexpr int kEmFixed = 6;  // a_x, cG0, c, u, nx, ny, then b(K), a_y(K), q(K), alpha_next(K)
 enum { COL_AX = 0, COL_CG0, COL_C, COL_U, COL_NX, COL_NY };
-constexpr uint32_t kStreamEm = 0, kStreamPrior = 1, kStreamTrain = 2;
+constexpr uint32_t kStreamEm = 0, kStreamPrior = 1, kStreamTrain = 2, kStreamExp = 3;
 constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u, kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
 constexpr int kThreads = 256;
 
@@ -219,6 +221,80 @@ __global__ void __launch_bounds__(kThreads) noising_kernel(const float* __restri
   }
 }
 
+// Exponential-integrator step (reference.exp_step_planar; row layout of gfdm_fast.expint): per pixel
+// d = p x_in + q e, Z' = Phi Z + w_cur d + sum_s w_hist[s] hist[s] (+ L xi when noisy; xi_c: Philox
+// stream 3, component c, or noise plane c), hist[step mod (R-1)] = d, x_in = X' - alpha_next . Y'.
+// Each row of Z' accumulates w_cur d, the history, L xi one component at a time (so only one normal
+// is live), then Phi Z column by column: Z is read in full before it is written.
+// KT >= 0: K fixed at compile time (unrolled, Z' in registers, the row staged in shared memory);
+// KT < 0: any K up to kExpMaxK1 - 1, the row read from global memory, Z' in a local array.
+constexpr int kExpFixed = 2;
+constexpr int kExpMaxK1 = 64;  // gfdm_ops.cpp checks K + 1 <= kExpCudaMaxK1 (the same bound)
+__host__ __device__ constexpr int exp_row_width(int K, int R) { return kExpFixed + 2 * (K + 1) * (K + 1) + R * (K + 1) + K; }
+
+template <int KT>
+__global__ void __launch_bounds__(kThreads) exp_step_kernel(float* __restrict__ z, const float* __restrict__ e,
+                                                            float* __restrict__ x_in, float* __restrict__ hist,
+                                                            const float* __restrict__ table, int64_t steps,
+                                                            const int64_t* __restrict__ step, int R,
+                                                            const int64_t* __restrict__ seeds,
+                                                            const float* __restrict__ noise, bool noisy, int64_t B,
+                                                            int64_t P, int K_runtime) {
+  const int K = KT >= 0 ? KT : K_runtime, K1 = K + 1, nh = R - 1, width = exp_row_width(K, R);
+  constexpr int KC = KT >= 0 ? KT + 1 : kExpMaxK1;
+  const int64_t n = *step;
+  const bool bad = n < 0 || n >= steps;
+  const float* __restrict__ r = table + (bad ? 0 : n) * width;
+  if constexpr (KT >= 0) {
+    __shared__ float srow[exp_row_width(KT, 3)];
+    for (int j = threadIdx.x; j < width; j += blockDim.x) srow[j] = r[j];
+    __syncthreads();
+    r = srow;
+  }
+  const float poison = bad ? __int_as_float(0x7fc00000) : 0.0f;
+  const int64_t slot = nh > 0 && !bad ? n % nh : 0;
+  const bool draw = noisy && noise == nullptr;
+  const int64_t N = B * P;
+  // row offsets: Phi, w_cur, w_hist, L, alpha_next
+  const int oP = kExpFixed, ow = oP + K1 * K1, oh = ow + K1, oL = oh + nh * K1, oa = oL + K1 * K1;
+  GFDM_FOR_PIXELS(B, P) {
+    const int64_t i = b * P + p;
+    const float d = r[0] * x_in[i] + r[1] * e[i];  // x_in read before it is overwritten
+    float zn[KC];
+#pragma unroll
+    for (int rw = 0; rw < K1; ++rw) zn[rw] = r[ow + rw] * d;
+    for (int s = 0; s < nh; ++s) {
+      const float h = hist[s * N + i];
+#pragma unroll
+      for (int rw = 0; rw < K1; ++rw) zn[rw] += r[oh + s * K1 + rw] * h;
+    }
+    if (noisy) {
+      const Key key = draw ? key_of(seeds, b) : Key{0, 0};
+#pragma unroll 1
+      for (int c = 0; c < K1; ++c) {  // not unrolled: K+1 interleaved Philox chains cost registers
+        const float xc = draw ? philox_normal(uint32_t(p), uint32_t(n), kStreamExp, uint32_t(c), key.k0, key.k1)
+                              : noise[c * N + i];
+#pragma unroll
+        for (int rw = 0; rw < K1; ++rw) zn[rw] += r[oL + rw * K1 + c] * xc;  // the full L, as the reference
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < K1; ++c) {
+      const float zc = z[c * N + i];
+#pragma unroll
+      for (int rw = 0; rw < K1; ++rw) zn[rw] += r[oP + rw * K1 + c] * zc;
+    }
+    float ay_sum = 0.0f;
+#pragma unroll
+    for (int rw = 0; rw < K1; ++rw) {
+      z[rw * N + i] = zn[rw] + poison;
+      if (rw) ay_sum += r[oa + rw - 1] * zn[rw];
+    }
+    if (nh > 0) hist[slot * N + i] = d + poison;
+    x_in[i] = zn[0] - ay_sum + poison;  // next network input X' - alpha_next . Y'
+  }
+}
+
 dim3 grid_for(int64_t B, int64_t P) {
   const int64_t gx = (P + kThreads - 1) / kThreads;
   return dim3(unsigned(gx < 65535 ? gx : 65535), unsigned(B < 65535 ? B : 65535));
@@ -272,6 +348,20 @@ const char* noising_cuda_launch(const float* x0, const float* mean_scale, const 
                                 float* eps_out, int64_t B, int64_t P, void* stream) {
   noising_kernel<<<grid_for(B, P), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       x0, mean_scale, sigma_c, seeds, step, eps, x_in, eps_out, B, P);
+  return launch_status();
+}
+
+const char* exp_step_cuda_launch(float* z, const float* e, float* x_in, float* hist, const float* table,
+                                 int64_t steps, const int64_t* step, int order, const int64_t* seeds,
+                                 const float* noise, bool noisy, int64_t B, int64_t P, int K, void* stream) {
+  if (order < 1 || order > 3) return "exp_step: order must be 1, 2 or 3";
+  if (K < 0 || K + 1 > kExpMaxK1) return "exp_step: K + 1 exceeds the kernel's bound of 64 planes";
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+#define GFDM_LAUNCH_EXP(KT)                                                                                 \
+  exp_step_kernel<KT><<<grid_for(B, P), kThreads, 0, s>>>(z, e, x_in, hist, table, steps, step, order, seeds, \
+                                                          noise, noisy, B, P, K)
+  GFDM_SWITCH_K(K, GFDM_LAUNCH_EXP)
+#undef GFDM_LAUNCH_EXP
   return launch_status();
 }
 

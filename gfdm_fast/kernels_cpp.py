@@ -8,7 +8,9 @@ from gfdm_fast import _C  # noqa: F401  (ImportError propagates: ops.py catches 
 from gfdm_fast import ops
 
 
-ops.register_backend("cpp", {"em_step": _C.em_step, "prior": _C.prior, "noising": _C.noising})
+ops.register_backend("cpp", {"em_step": _C.em_step, "prior": _C.prior, "noising": _C.noising,
+                             "exp_step": _C.exp_step})
 
 if _C.has_cuda():
-    ops.register_backend("cuda", {"em_step": _C.em_step_cuda, "prior": _C.prior_cuda, "noising": _C.noising_cuda})
+    ops.register_backend("cuda", {"em_step": _C.em_step_cuda, "prior": _C.prior_cuda, "noising": _C.noising_cuda,
+                                  "exp_step": _C.exp_step_cuda})
