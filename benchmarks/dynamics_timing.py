@@ -14,27 +14,9 @@ import time
 
 import numpy as np
 import torch
-from scipy.integrate import solve_ivp
 
 from gfdm_fast import make_dynamics
-
-
-def tight_xrow(dyn, t):
-    K, gm, w = dyn.num_aug, dyn.gamma.numpy(), dyn.omega.numpy()
-    wg, sw = w * gm, w.sum()
-
-    def rhs(tt, S):
-        a = np.array([tt])
-        mu, g = dyn.mu(a).item(), dyn.g(a).item()
-        yy = dyn.cov(a).numpy()[0, 1:, 1:]
-        out = np.empty(K + 1)
-        out[0] = 2 * mu * S[0] - 2 * g * (wg @ S[1:]) + (sw * g) ** 2
-        out[1:] = (mu - gm) * S[1:] + g * (sw - yy @ wg)
-        return out
-
-    y0 = np.zeros(K + 1)
-    y0[0] = dyn.cov(np.array([0.0]))[0, 0, 0].item()
-    return solve_ivp(rhs, (0.0, dyn.T), y0, method="DOP853", rtol=1e-13, atol=1e-22, t_eval=t).y
+from gfdm_fast.dynamics import tight_xrow
 
 
 def main():

@@ -3,6 +3,8 @@ __version__ = "0.1.0"
 
 from gfdm_fast.dynamics import Dynamics, make_dynamics  # noqa: E402
 
+__all__ = ["Dynamics", "make_dynamics", "Sampler"]
+
 
 def __getattr__(name):
     # Sampler pulls in the kernels; import it on first use.

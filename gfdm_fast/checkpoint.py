@@ -352,6 +352,12 @@ def save(path, model, config=None, *, dynamics=None, recipe="exact", ema=None, s
     check_fit(obj["state_dict"], config, path)
     if obj["ema_state_dict"] is not None:
         check_fit(obj["ema_state_dict"], config, path + " (EMA weights)")
+    atomic_save(obj, path)
+    return path
+
+
+def atomic_save(obj, path):
+    """``torch.save`` to a temporary name, then rename: a crash never leaves a half-written file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     try:
@@ -360,7 +366,6 @@ def save(path, model, config=None, *, dynamics=None, recipe="exact", ema=None, s
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return path
 
 
 _RUN_DIR = re.compile(r"(?P<run_id>[^/\\]+?)_(?P<data_name>[^/\\_]+)_H(?P<hurst>[0-9.]+)_K(?P<num_aug>\d+)$")

@@ -430,6 +430,26 @@ def _phi1_prime(x):
     return np.where(small, 0.5 + x / 3, (np.exp(safe) * safe - np.expm1(safe)) / safe ** 2)
 
 
+def tight_xrow(dyn: Dynamics, t, rtol=1e-13):
+    """Validation only: (Var X, Cov(X, Y)) at times t from the X-row ODE solved by DOP853 at ``rtol``
+    (the much tighter solve the exact recipe is checked against), shape (K+1, n)."""
+    K, gm, w = dyn.num_aug, dyn._gamma, dyn._omega
+    wg, sw = w * gm, w.sum()
+
+    def rhs(tt, S):
+        a = np.array([tt])
+        mu, g = dyn._mu(a)[0], dyn._g(a)[0]
+        yy = dyn._yy(a)[0]
+        out = np.empty(K + 1)
+        out[0] = 2 * mu * S[0] - 2 * g * (wg @ S[1:]) + (sw * g) ** 2
+        out[1:] = (mu - gm) * S[1:] + g * (sw - yy @ wg)
+        return out
+
+    y0 = np.zeros(K + 1)
+    y0[0] = dyn._var0()
+    return solve_ivp(rhs, (0.0, dyn.T), y0, method="DOP853", rtol=rtol, atol=1e-22, t_eval=np.asarray(t, np.float64)).y
+
+
 def make_dynamics(name, *, hurst, num_aug, gamma_max=20.0, T=1.0, norm=True, recipe="exact", pd_eps=PD_EPS):
     """Build a GFDM forward process: ``name`` in {'fvp', 'fve'}; num_aug = 0 is the plain VP/VE SDE."""
     classes = {"fvp": FVP, "fve": FVE}

@@ -182,7 +182,6 @@ def em_step_planar(z, e, x_in, table, step, seeds=None, noise=None):
     b, a_y, q, a_next = (r[o + i * K:o + (i + 1) * K].reshape(K, 1, 1, 1, 1) for i in range(4))
     gs = r[S.COL_U] * e - (q * Y).sum(0)
     if noise is None:
-        B = z.shape[1]
         noise = philox_normal(seeds, step, STREAM_EM, X[0].numel()).reshape(X.shape).to(z.dtype)
     Xn = r[S.COL_AX] * X + (b * Y).sum(0) + r[S.COL_CG0] * gs + r[S.COL_NX] * noise
     Yn = a_y * Y + r[S.COL_C] * gs + r[S.COL_NY] * noise

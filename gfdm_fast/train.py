@@ -304,16 +304,6 @@ def save_grid(images, path, nrow=8):
     return path
 
 
-def _atomic_torch_save(obj, path):
-    tmp = path + ".tmp"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _rng_state(device):
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -513,9 +503,9 @@ class Trainer:
         os.makedirs(mdir, exist_ok=True)
         tag = "final" if final else f"v{self.version}"
         sd = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        _atomic_torch_save(sd, os.path.join(mdir, f"model-{tag}.pth"))
+        ckpt.atomic_save(sd, os.path.join(mdir, f"model-{tag}.pth"))
         if self.ema is not None:
-            _atomic_torch_save(self.ema.official_state_dict(), os.path.join(mdir, f"ema_model-{tag}.pth"))
+            ckpt.atomic_save(self.ema.official_state_dict(), os.path.join(mdir, f"ema_model-{tag}.pth"))
         if not final:
             self.version += 1
         extra = {"train_config": {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "extra"},

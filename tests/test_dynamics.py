@@ -6,7 +6,7 @@ from scipy.integrate import solve_ivp
 
 from conftest import load_official
 from gfdm_fast import make_dynamics
-from gfdm_fast.dynamics import FVE_SIGMA, FVP_BETA
+from gfdm_fast.dynamics import FVE_SIGMA, FVP_BETA, tight_xrow
 
 AUG_FILES = ["fvp_H0.7_K2.npz", "fvp_H0.9_K3.npz", "fve_H0.9_K2.npz"]
 K0_FILES = ["fvp_H0.5_K0.npz", "fve_H0.5_K0.npz"]
@@ -79,32 +79,12 @@ def test_exact_recipe_loosely_matches_fixture(fname, alpha_rtol, sigma_rtol):
 
 
 # ---- exact recipe: accuracy against independent computations ---------------------------------------
-def _tight_xrow(dyn, t):
-    """The X-row ODE solved with DOP853 at rtol 1e-13 (a much tighter solve than the recipe needs)."""
-    K, gm, w = dyn.num_aug, dyn.gamma.numpy(), dyn.omega.numpy()
-    wg, sw = w * gm, w.sum()
-
-    def rhs(tt, S):
-        a = np.array([tt])
-        mu, g = dyn.mu(a).item(), dyn.g(a).item()
-        yy = dyn.cov(a).numpy()[0, 1:, 1:]
-        out = np.empty(K + 1)
-        out[0] = 2 * mu * S[0] - 2 * g * (wg @ S[1:]) + (sw * g) ** 2
-        out[1:] = (mu - gm) * S[1:] + g * (sw - yy @ wg)
-        return out
-
-    y0 = np.zeros(K + 1)
-    y0[0] = dyn.cov(np.array([0.0]))[0, 0, 0].item()
-    sol = solve_ivp(rhs, (0.0, dyn.T), y0, method="DOP853", rtol=1e-13, atol=1e-22, t_eval=t)
-    return sol.y
-
-
 @pytest.mark.parametrize("name,hurst,K", [("fvp", 0.9, 3), ("fvp", 0.1, 5), ("fvp", 0.7, 1), ("fve", 0.9, 2), ("fve", 0.3, 4)])
 def test_exact_covariance_accurate_to_1e8(name, hurst, K):
     dyn = make_dynamics(name, hurst=hurst, num_aug=K)
     t = np.concatenate([[1e-6, 1e-4], np.linspace(0.01, 1.0, 25)])
     c = dyn.cov(t).numpy()
-    ref = _tight_xrow(dyn, t)
+    ref = tight_xrow(dyn, t)
     np.testing.assert_allclose(c[:, 0, 0], ref[0], rtol=1e-8)
     np.testing.assert_allclose(c[:, 0, 1:], ref[1:].T, rtol=1e-8)
 

@@ -4,7 +4,6 @@ Tolerance rule (flash-attention's): a backend's max error against the float64
 oracle may be at most twice that of the float32 torch reference, plus a floor
 of a few float32 ulps of the output's scale.
 """
-import os
 
 import pytest
 import torch

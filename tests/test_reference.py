@@ -1,5 +1,4 @@
 """The pure-PyTorch reference against the official fixtures, and its own invariants."""
-import numpy as np
 import pytest
 import torch
 
