@@ -318,20 +318,20 @@ class Dynamics:
         i = np.clip(np.searchsorted(tau, t, side="right") - 1, 0, tau.size - 2)
         return self._advance(tau[i], xx[i], xy[i], t)
 
+    def _xrow_rhs(self, t, S):
+        """d/dt (Var X, Cov(X, Y)) = the X row of F Sigma + Sigma F^T + G G^T, Y block in closed form."""
+        gm, wg, sw = self._gamma, self._omega * self._gamma, self._sum_omega
+        tt = np.array([t])
+        mu, g = self._mu(tt)[0], self._g(tt)[0]
+        yy = self._yy(tt)[0]
+        d = np.empty(self.num_aug + 1)
+        d[0] = 2 * mu * S[0] - 2 * g * (wg @ S[1:]) + (sw * g) ** 2
+        d[1:] = (mu - gm) * S[1:] + g * (sw - yy @ wg)
+        return d
+
     def _solve_official_ode(self):
         """The official code's RK45 solve of the X-row ODE on [0, 1] (default tolerances, dense output)."""
-        gm, wg, sw, K = self._gamma, self._omega * self._gamma, self._sum_omega, self.num_aug
-
-        def rhs(t, S):
-            tt = np.array([t])
-            mu, g = self._mu(tt)[0], self._g(tt)[0]
-            yy = self._yy(tt)[0]
-            d = np.empty(K + 1)
-            d[0] = 2 * mu * S[0] - 2 * g * (wg @ S[1:]) + (sw * g) ** 2
-            d[1:] = (mu - gm) * S[1:] + g * (sw - yy @ wg)
-            return d
-
-        return solve_ivp(rhs, (0.0, 1.0), np.zeros(K + 1), dense_output=True)
+        return solve_ivp(self._xrow_rhs, (0.0, 1.0), np.zeros(self.num_aug + 1), dense_output=True)
 
 
 class FVP(Dynamics):
@@ -433,21 +433,9 @@ def _phi1_prime(x):
 def tight_xrow(dyn: Dynamics, t, rtol=1e-13):
     """Validation only: (Var X, Cov(X, Y)) at times t from the X-row ODE solved by DOP853 at ``rtol``
     (the much tighter solve the exact recipe is checked against), shape (K+1, n)."""
-    K, gm, w = dyn.num_aug, dyn._gamma, dyn._omega
-    wg, sw = w * gm, w.sum()
-
-    def rhs(tt, S):
-        a = np.array([tt])
-        mu, g = dyn._mu(a)[0], dyn._g(a)[0]
-        yy = dyn._yy(a)[0]
-        out = np.empty(K + 1)
-        out[0] = 2 * mu * S[0] - 2 * g * (wg @ S[1:]) + (sw * g) ** 2
-        out[1:] = (mu - gm) * S[1:] + g * (sw - yy @ wg)
-        return out
-
-    y0 = np.zeros(K + 1)
+    y0 = np.zeros(dyn.num_aug + 1)
     y0[0] = dyn._var0()
-    return solve_ivp(rhs, (0.0, dyn.T), y0, method="DOP853", rtol=rtol, atol=1e-22, t_eval=np.asarray(t, np.float64)).y
+    return solve_ivp(dyn._xrow_rhs, (0.0, dyn.T), y0, method="DOP853", rtol=rtol, atol=1e-22, t_eval=np.asarray(t, np.float64)).y
 
 
 def make_dynamics(name, *, hurst, num_aug, gamma_max=20.0, T=1.0, norm=True, recipe="exact", pd_eps=PD_EPS):
