@@ -19,6 +19,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -600,6 +601,22 @@ template <int KT> void exp_task_base(const ExpArgs& a, int64_t i) { ExpBody<KT, 
 template <int KT> GFDM_AVX2 void exp_task_avx2(const ExpArgs& a, int64_t i) { ExpBody<KT, bool(GFDM_X86)>::run(a, i); }
 template <int KT> ExpFn exp_fn() { return cpu_has_avx2() ? &exp_task_avx2<KT> : &exp_task_base<KT>; }
 
+// K as a compile-time constant for K <= 8 (unrolled, vectorised inner loops), a generic body beyond.
+template <typename Pick> auto pick_k(int64_t K, Pick pick) {
+  switch (K) {
+    case 0: return pick(std::integral_constant<int, 0>{});
+    case 1: return pick(std::integral_constant<int, 1>{});
+    case 2: return pick(std::integral_constant<int, 2>{});
+    case 3: return pick(std::integral_constant<int, 3>{});
+    case 4: return pick(std::integral_constant<int, 4>{});
+    case 5: return pick(std::integral_constant<int, 5>{});
+    case 6: return pick(std::integral_constant<int, 6>{});
+    case 7: return pick(std::integral_constant<int, 7>{});
+    case 8: return pick(std::integral_constant<int, 8>{});
+    default: return pick(std::integral_constant<int, -1>{});
+  }
+}
+
 auto prior_fn() { return cpu_has_avx2() ? &prior_task_avx2 : &prior_task_base; }
 auto noising_fn() { return cpu_has_avx2() ? &noising_task_avx2 : &noising_task_base; }
 
@@ -771,19 +788,7 @@ void em_step_cpu(at::Tensor z, const at::Tensor& e, at::Tensor x_in, const at::T
            noise ? noise->data_ptr<float>() : nullptr, seeds ? seeds->data_ptr<int64_t>() : nullptr,
            z[0].numel(), int(K), uint32_t(uint64_t(n)),
            row[COL_NX] != 0.0f || row[COL_NY] != 0.0f, tiling(z[0][0].numel())};
-  EmFn fn = nullptr;
-  switch (K) {
-    case 0: fn = em_fn<0>(); break;
-    case 1: fn = em_fn<1>(); break;
-    case 2: fn = em_fn<2>(); break;
-    case 3: fn = em_fn<3>(); break;
-    case 4: fn = em_fn<4>(); break;
-    case 5: fn = em_fn<5>(); break;
-    case 6: fn = em_fn<6>(); break;
-    case 7: fn = em_fn<7>(); break;
-    case 8: fn = em_fn<8>(); break;
-    default: fn = em_fn<-1>(); break;
-  }
+  const EmFn fn = pick_k(K, [](auto k) { return em_fn<decltype(k)::value>(); });
   run_tasks(fn, a, a.tile.tasks(B), a.N);
 }
 
@@ -826,19 +831,7 @@ void exp_step_cpu(at::Tensor z, const at::Tensor& e, at::Tensor x_in, at::Tensor
             table.data_ptr<float>() + n * table.size(1), noisy && noise ? noise->data_ptr<float>() : nullptr,
             noisy && !noise ? seeds->data_ptr<int64_t>() : nullptr, z[0].numel(), int(K), nh,
             nh > 0 ? int(n % nh) : 0, uint32_t(uint64_t(n)), noisy, tiling(z[0][0].numel())};
-  ExpFn fn = nullptr;
-  switch (K) {
-    case 0: fn = exp_fn<0>(); break;
-    case 1: fn = exp_fn<1>(); break;
-    case 2: fn = exp_fn<2>(); break;
-    case 3: fn = exp_fn<3>(); break;
-    case 4: fn = exp_fn<4>(); break;
-    case 5: fn = exp_fn<5>(); break;
-    case 6: fn = exp_fn<6>(); break;
-    case 7: fn = exp_fn<7>(); break;
-    case 8: fn = exp_fn<8>(); break;
-    default: fn = exp_fn<-1>(); break;
-  }
+  const ExpFn fn = pick_k(K, [](auto k) { return exp_fn<decltype(k)::value>(); });
   run_tasks(fn, a, a.tile.tasks(B), a.N * (K + 1));
 }
 

@@ -6,15 +6,14 @@ Per pixel, one read of the K+1 planes of z and of e, one write of z and x_in:
 The Y planes are held as one (KP, BLOCK) tile so each is loaded once; the table row is read
 from ``table[step]`` with ``step`` loaded on the device (no host sync: CUDA-graph replayable).
 """
-import contextlib
 
-import torch
 import triton
 import triton.language as tl
 
 from gfdm_fast import philox as P
 from gfdm_fast import schedule as S
 
+from .launch import pixel_launch
 from .philox import philox_normal
 
 # row layout of gfdm_fast.schedule, as compile-time constants
@@ -89,13 +88,8 @@ def _launch(z, e, x_in, table, step, seeds, noise):
     if N == 0:
         return
     KP = triton.next_power_of_2(max(K, 1))
-    # at most 16 tile elements per thread (4 warps): ptxas sm_90, no noise: 72 registers at K=3 (512),
-    # 94 at K=8 (256); BLOCK=1024 at K=3 took 153
-    block = min(512, 2048 // KP)
-    block = min(block, max(triton.next_power_of_2(N), 16))
-    grid = (triton.cdiv(N, block),)
+    block, grid, guard = pixel_launch(N, KP, z.device)
     has_noise = noise is not None
-    guard = torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext()
     with guard:
         _em_step_kernel[grid](z, e, x_in, table, step, seeds if seeds is not None else e,
                               noise if has_noise else e, N, N // z.shape[1],

@@ -10,15 +10,14 @@ plane), so every plane is loaded once and z is written by one 2-D store. xi_j is
 counter (element, step, 3, j), or the given ``noise`` plane j. The table row is read from
 ``table[step]`` with ``step`` loaded on the device (no host sync: CUDA-graph replayable).
 """
-import contextlib
 
-import torch
 import triton
 import triton.language as tl
 
 from gfdm_fast import expint as E
 from gfdm_fast import philox as P
 
+from .launch import pixel_launch
 from .philox import philox_normal
 
 EXP_FIXED: tl.constexpr = tl.constexpr(E.EXP_FIXED)     # p, q, then Phi
@@ -97,11 +96,8 @@ def _launch(z, e, x_in, hist, table, step, order, seeds, noise, noisy):
     if N == 0:
         return
     KP1 = triton.next_power_of_2(K + 1)
-    block = min(512, 2048 // KP1)                          # <= 16 tile elements per thread, as em_step
-    block = min(block, max(triton.next_power_of_2(N), 16))
-    grid = (triton.cdiv(N, block),)
+    block, grid, guard = pixel_launch(N, KP1, z.device)
     has_noise = bool(noisy) and noise is not None
-    guard = torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext()
     with guard:
         _exp_step_kernel[grid](z, e, x_in, hist, table, step,
                                seeds if (noisy and seeds is not None) else e, noise if has_noise else e,

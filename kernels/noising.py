@@ -3,14 +3,13 @@
 One read of x0 (and of ``eps`` when given), one write of x_in and eps_out; c and sigma_c
 are per image, the Philox counter is (element, step, 2, 0) with ``step`` read on the device.
 """
-import contextlib
 
-import torch
 import triton
 import triton.language as tl
 
 from gfdm_fast import philox as P
 
+from .launch import pixel_launch
 from .philox import philox_normal
 
 STREAM_TRAIN: tl.constexpr = tl.constexpr(P.STREAM_TRAIN)
@@ -43,10 +42,8 @@ def _launch(x0, mean_scale, sigma_c, seeds, step, x_in, eps_out, eps):
     N = x0.numel()
     if N == 0:
         return
-    block = min(512, max(triton.next_power_of_2(N), 16))
-    grid = (triton.cdiv(N, block),)
+    block, grid, guard = pixel_launch(N, 1, x0.device)
     has_eps = eps is not None
-    guard = torch.cuda.device(x0.device) if x0.is_cuda else contextlib.nullcontext()
     with guard:
         _noising_kernel[grid](x0, mean_scale, sigma_c, seeds if seeds is not None else mean_scale, step,
                               x_in, eps_out, eps if has_eps else x0, N, N // x0.shape[0],

@@ -4,14 +4,13 @@ xi_j is Philox stream 1, step 0, component j (or the given ``noise`` plane j); L
 row-major Cholesky factor of Sreg(T) and alpha_0 the alpha of the first grid time, both in ``prior``.
 The K+1 normals of a pixel form one (KP1, BLOCK) tile, so every plane is written once.
 """
-import contextlib
 
-import torch
 import triton
 import triton.language as tl
 
 from gfdm_fast import philox as P
 
+from .launch import pixel_launch
 from .philox import philox_normal
 
 STREAM_PRIOR: tl.constexpr = tl.constexpr(P.STREAM_PRIOR)
@@ -60,11 +59,8 @@ def _launch(z, x_in, prior_vec, seeds, noise):
     if N == 0:
         return
     KP1 = triton.next_power_of_2(K + 1)
-    block = min(512, 2048 // KP1)                          # <= 16 tile elements per thread, as em_step
-    block = min(block, max(triton.next_power_of_2(N), 16))
-    grid = (triton.cdiv(N, block),)
+    block, grid, guard = pixel_launch(N, KP1, z.device)
     has_noise = noise is not None
-    guard = torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext()
     with guard:
         _prior_kernel[grid](z, x_in, prior_vec, seeds if seeds is not None else prior_vec,
                             noise if has_noise else z, N, N // z.shape[1],

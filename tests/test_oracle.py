@@ -43,8 +43,9 @@ def test_em_1000_steps_recovers_mixture_like_float64_em(name, hurst, K, mode):
     assert abs(w1(x, TARGET) - w1(x64, TARGET)) < 1e-3
 
 
-def test_bf16_network_output_hurts_near_t0():
-    """Rounding the oracle to bf16 (a bf16 network): e / sigma_c amplifies the error as sigma_c -> 0."""
+def test_bf16_network_output_moves_samples_but_keeps_the_law():
+    """Rounding the oracle to bf16 (a bf16 network): e / sigma_c amplifies its ~4e-3 relative rounding
+    near t = 0, so samples move by ~3e-4 (float32 rounding moves them ~1e-7), while W1 stays put."""
     dyn = make_dynamics("fvp", hurst=0.9, num_aug=2)
     x32 = Sampler(dyn, MixtureOracle(dyn), steps=200, mode="ode").sample(2, SHAPE, seed=3)
     x16 = Sampler(dyn, MixtureOracle(dyn, round_to=torch.bfloat16), steps=200, mode="ode").sample(2, SHAPE, seed=3)
