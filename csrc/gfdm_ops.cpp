@@ -646,6 +646,18 @@ void check_seeds(const std::optional<at::Tensor>& seeds, int64_t B, const at::Te
   TORCH_CHECK(s.is_contiguous(), "gfdm: seeds must be contiguous");
 }
 
+// Explicit noise of ``shape`` (float32, on z's device) or per-image seeds for the Philox draw.
+void check_noise_or_seeds(const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& noise,
+                          at::IntArrayRef shape, const at::Tensor& z, c10::DeviceType dev) {
+  if (noise.has_value()) {
+    check_same(*noise, "noise", z);
+    check_f32(*noise, "noise", dev);
+    check_shape(*noise, "noise", shape);
+  } else {
+    check_seeds(seeds, z.size(1), z);
+  }
+}
+
 void check_step(const at::Tensor& step, const at::Tensor& ref) {
   check_same(step, "step", ref);
   TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kLong, "gfdm: step must be a 1-element int64 tensor, got ",
@@ -671,13 +683,7 @@ int64_t check_em(const at::Tensor& z, const at::Tensor& e, const at::Tensor& x_i
               kEmFixed + 4 * K, ") for K = ", K, ", got ", table.sizes(), ": build it from the dynamics that made z");
   TORCH_CHECK(table.size(0) > 0, "gfdm: the step table is empty");
   check_step(step, z);
-  if (noise.has_value()) {
-    check_same(*noise, "noise", z);
-    check_f32(*noise, "noise", dev);
-    check_shape(*noise, "noise", img);
-  } else {
-    check_seeds(seeds, z.size(1), z);
-  }
+  check_noise_or_seeds(seeds, noise, img, z, dev);
   TORCH_CHECK(z.size(1) == 0 || z[0][0].numel() <= (int64_t(1) << 32), "gfdm: images of more than 2^32 pixels "
               "exceed the Philox element counter");
   return K;
@@ -697,13 +703,7 @@ int64_t check_prior(const at::Tensor& z, const at::Tensor& x_in, const at::Tenso
   check_f32(prior, "prior", dev);
   TORCH_CHECK(prior.dim() == 1 && prior.size(0) == (K + 1) * (K + 1) + K, "gfdm: prior must hold (K+1)^2 + K = ",
               (K + 1) * (K + 1) + K, " coefficients for K = ", K, ", got ", prior.sizes());
-  if (noise.has_value()) {
-    check_same(*noise, "noise", z);
-    check_f32(*noise, "noise", dev);
-    check_shape(*noise, "noise", z.sizes());
-  } else {
-    check_seeds(seeds, z.size(1), z);
-  }
+  check_noise_or_seeds(seeds, noise, z.sizes(), z, dev);
   return K;
 }
 
@@ -759,15 +759,7 @@ int64_t check_exp(const at::Tensor& z, const at::Tensor& e, const at::Tensor& x_
               ") for K = ", K, ", order = ", order, ", got ", table.sizes(), ": build it from the dynamics that made z");
   TORCH_CHECK(table.size(0) > 0, "gfdm: the step table is empty");
   check_step(step, z);
-  if (noisy) {
-    if (noise.has_value()) {
-      check_same(*noise, "noise", z);
-      check_f32(*noise, "noise", dev);
-      check_shape(*noise, "noise", z.sizes());
-    } else {
-      check_seeds(seeds, z.size(1), z);
-    }
-  }
+  if (noisy) check_noise_or_seeds(seeds, noise, z.sizes(), z, dev);
   TORCH_CHECK(z.size(1) == 0 || z[0][0].numel() <= (int64_t(1) << 32), "gfdm: images of more than 2^32 pixels "
               "exceed the Philox element counter");
   return K;
