@@ -230,3 +230,12 @@ def test_official_recipe_matches_official_code_over_h_and_k(record):
     alpha = np.array(record["alpha"]).reshape(len(t), -1)
     assert np.abs(st.alpha.numpy().reshape(len(t), -1) - alpha).max() <= 1e-3 * np.abs(alpha).max()
     np.testing.assert_allclose(st.sigma_c.numpy(), record["sigma_c"], rtol=1e-3)
+
+
+def test_invalid_statistics_are_refused_with_the_fix():
+    """Official recipe at K = 6: the float32 weights give var_x - var_c < 0 (the official code's sqrt is NaN)."""
+    dyn = make_dynamics("fvp", hurst=0.9, num_aug=6, recipe="official")
+    with pytest.raises(ValueError, match=r"K=6 \(official recipe\).*var_x - var_c.*use recipe='exact'"):
+        dyn.marginal_stats(np.linspace(1e-3, 1, 50))
+    exact = make_dynamics("fvp", hurst=0.9, num_aug=6).marginal_stats(np.linspace(1e-3, 1, 50))
+    assert bool(torch.isfinite(exact.sigma_c).all()) and float(exact.sigma_c.min()) > 0
