@@ -32,6 +32,7 @@ import numpy as np
 
 from gfdm_fast.cli import parse_bool
 from gfdm_fast.errors import UserError
+from gfdm_fast.io import atomic_write_file
 from gfdm_fast.sampler import PRECISIONS, SOLVERS
 
 # The official generate.py defaults (args.py: args_base + args_gen).
@@ -417,19 +418,6 @@ def _remove_empty(folders):
             os.rmdir(d)
 
 
-def _atomic_write(path, write):
-    """``write(file_object)`` to a temp name beside ``path``, then ``os.replace``: never half a file."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:   # open(), unlike mkstemp, honours the umask
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 class OfficialSink:
     """The official ``data/data_{stamp}.npy`` + ``label/label_{stamp}.npy``, streamed through memmaps.
 
@@ -577,7 +565,7 @@ class ShardSink:
             if strays:
                 raise UserError(f"--out {self.out} holds shards ({strays[0]}, ...) but no {MANIFEST} to say which "
                                 "run wrote them; choose another --out folder or empty this one")
-            _atomic_write(path, lambda f: f.write(json.dumps(manifest, indent=1, sort_keys=True).encode()))
+            atomic_write_file(path, lambda f: f.write(json.dumps(manifest, indent=1, sort_keys=True).encode()))
 
     def path(self, k):
         start, end = k * self.size, min((k + 1) * self.size, self.n)
@@ -605,10 +593,10 @@ class ShardSink:
         if self.png:
             from PIL import Image
             grid = _grid(images)
-            _atomic_write(self.path(k), lambda f: Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+            atomic_write_file(self.path(k), lambda f: Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
                           .save(f, format="PNG"))
         else:
-            _atomic_write(self.path(k), lambda f: np.savez(f, arr_0=images, labels=labels))
+            atomic_write_file(self.path(k), lambda f: np.savez(f, arr_0=images, labels=labels))
 
     def finish(self):
         self.dist.barrier()

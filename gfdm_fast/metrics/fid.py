@@ -19,7 +19,6 @@ policy of issue 5); far outside is an error.
 import contextlib
 import os
 import pathlib
-import tempfile
 import zipfile
 
 import numpy as np
@@ -476,18 +475,9 @@ def load_stats(path):
 
 
 def save_stats(path, mu, sigma):
-    """Write pytorch-fid's ``.npz`` (``mu``, ``sigma``), atomically: a temp name, then ``os.replace``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:  # a file object: numpy adds no .npz suffix
-            np.savez_compressed(f, mu=mu, sigma=sigma)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    """Write pytorch-fid's ``.npz`` (``mu``, ``sigma``) atomically."""
+    from gfdm_fast.io import atomic_write_file
+    atomic_write_file(os.fspath(path), lambda f: np.savez_compressed(f, mu=mu, sigma=sigma))
 
 
 def compute_statistics(images, accumulator, batch_size=50, num_workers=0, extra=(), progress=False):
