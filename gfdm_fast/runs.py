@@ -22,8 +22,9 @@ LOCK_FILE = ".gfdm.lock"
 
 
 def new_run_id() -> str:
-    """``YYYYmmdd-HHMMSS-xxxx``: a time stamp and 4 random hex digits."""
-    return f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    """``YYYYmmdd-HHMMSS-xxxxxx``: a time stamp and 6 random hex digits (the folder is still created
+    exclusively, so even a collision could not make two runs share it)."""
+    return f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
 def _holder(path):
