@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gfdm_fast.errors import UserError
+from gfdm_fast.io import atomic_save
 from gfdm_fast.models.presets import PRESETS, UNetConfig, flags_of
 from gfdm_fast.models.unet import UNetModel
 
@@ -354,18 +355,6 @@ def save(path, model, config=None, *, dynamics=None, recipe="exact", ema=None, s
         check_fit(obj["ema_state_dict"], config, path + " (EMA weights)")
     atomic_save(obj, path)
     return path
-
-
-def atomic_save(obj, path):
-    """``torch.save`` to a temporary name, then rename: a crash never leaves a half-written file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 _RUN_DIR = re.compile(r"(?P<run_id>[^/\\]+?)_(?P<data_name>[^/\\_]+)_H(?P<hurst>[0-9.]+)_K(?P<num_aug>\d+)$")

@@ -195,6 +195,13 @@ class Dynamics:
         G[:, 0] = self._g(t) * self._sum_omega
         return torch.from_numpy(G)
 
+    def _breakdown(self, what):
+        """The message for statistics that are not a valid Gaussian (ill-conditioned weights at large K)."""
+        fix = ("use recipe='exact' (float64): the official code's float32 arithmetic breaks down here too"
+               if self.recipe == "official" else "use fewer augmenting processes (num_aug)")
+        return (f"{self.name.upper()} H={self.hurst} K={self.num_aug} ({self.recipe} recipe): {what}; "
+                f"the MA-fBM weights are too ill-conditioned at this K: {fix}")
+
     def cov(self, t):
         """Sigma(t) of Z given x0, no regularisation, (n, K+1, K+1) float64."""
         return torch.from_numpy(self._cov(_as_t(t, self.T)))
@@ -210,12 +217,19 @@ class Dynamics:
         K = self.num_aug
         if K:
             S[:, range(1, K + 1), range(1, K + 1)] += self._regulariser(t)
-            alpha = np.linalg.solve(S[:, 1:, 1:], S[:, 1:, 0:1])[..., 0]
+            try:
+                alpha = np.linalg.solve(S[:, 1:, 1:], S[:, 1:, 0:1])[..., 0]
+            except np.linalg.LinAlgError:
+                raise ValueError(self._breakdown("its Y covariance is singular")) from None
             var_c = np.einsum("nk,nk->n", alpha, S[:, 1:, 0])
         else:
             alpha = np.zeros((t.size, 0))
             var_c = np.zeros(t.size)
         var_x = S[:, 0, 0].copy()
+        bad = ~np.isfinite(var_x - var_c) | (var_x - var_c < 0) | ~np.isfinite(alpha).all(axis=1)
+        if bad.any():
+            raise ValueError(self._breakdown(f"the conditional variance var_x - var_c is "
+                                             f"{var_x[bad][0] - var_c[bad][0]:.3g} at t = {t[bad][0]:.4g}"))
         sigma_c = np.sqrt(var_x - var_c)
         c = np.exp(self._log_c(t))
         return MarginalStats(*(torch.from_numpy(a) for a in (S, alpha, var_x, var_c, sigma_c, c)))

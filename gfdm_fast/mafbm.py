@@ -17,9 +17,13 @@ def check_hurst(hurst):
     return float(hurst)
 
 
+MAX_NUM_AUG = 20   # the float64 weight system and statistics are checked up to here (the paper uses K <= 5)
+
+
 def check_num_aug(num_aug):
-    if isinstance(num_aug, bool) or not isinstance(num_aug, (int, np.integer)) or num_aug < 0:
-        raise ValueError(f"num_aug must be an integer >= 0 (0 = plain Brownian motion), got {num_aug!r}")
+    if isinstance(num_aug, bool) or not isinstance(num_aug, (int, np.integer)) or not 0 <= num_aug <= MAX_NUM_AUG:
+        raise ValueError(f"num_aug must be an integer in 0..{MAX_NUM_AUG} (0 = plain Brownian motion), "
+                         f"got {num_aug!r}")
     return int(num_aug)
 
 

@@ -36,6 +36,43 @@ def draw_labels(seeds, num_classes):
     return x0 % int(num_classes)
 
 
+def _check_model(model, device):
+    """A float32 network on the sampler's device, or one clear ValueError."""
+    if not isinstance(model, torch.nn.Module):
+        return
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    dtypes = sorted({str(p.dtype) for p in params})
+    if dtypes and dtypes != ["torch.float32"]:
+        raise ValueError(f"the model's parameters are {', '.join(dtypes)}; the sampler feeds it float32: call "
+                         "model.float() (precision='bf16' or 'fp16' then autocasts the float32 network)")
+    devices = sorted({str(p.device) for p in params})
+    if devices and any(torch.device(d) != device and not (torch.device(d).type == device.type == "cuda"
+                                                          and device.index is None) for d in devices):
+        raise ValueError(f"the model is on {', '.join(devices)} but the sampler runs on {device}: move it with "
+                         f"model.to('{device}') or pass device=")
+
+
+def _check_request(model, shape, labels, num, num_classes):
+    """Shapes and labels the network can take, checked before any work."""
+    C, H, W = shape
+    if min(shape) < 1:
+        raise ValueError(f"shape must be (C, H, W) with every size >= 1, got {shape}")
+    levels = len(getattr(model, "channel_mult", ()) or ()) - 1
+    in_ch = getattr(model, "in_channels", None)
+    if in_ch is not None and C != in_ch:
+        raise ValueError(f"the model takes {in_ch} channel(s), shape asks for {C}")
+    if levels > 0 and (H % 2 ** levels or W % 2 ** levels):
+        raise ValueError(f"the model halves the image {levels} times: H and W must be multiples of {2 ** levels}, "
+                         f"got {H}x{W} (it was trained at {getattr(model, 'image_size', '?')})")
+    classes = getattr(model, "num_classes", None) if isinstance(model, torch.nn.Module) else num_classes
+    if labels is not None:
+        if classes is None and isinstance(model, torch.nn.Module):
+            raise ValueError("labels were given but the model is unconditional (num_classes is None)")
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or (classes is not None and hi >= classes):
+            raise ValueError(f"labels must lie in [0, {classes}) for this model, got [{lo}, {hi}]")
+
+
 class Sampler:
     """Fused reverse sampler: ``solver="em"`` is the official Euler-Maruyama sampler (DESIGN.md
     'Reverse sampling'); ``solver="exp"`` the exponential integrator of gfdm_fast.expint (few steps;
@@ -78,6 +115,11 @@ class Sampler:
                 inv_c, sig_over_c = expint.denoise_coefficients(dyn, eps)
                 self._denoise = (float(inv_c), float(sig_over_c), float(time_weight * eps))
         self.denoise = bool(denoise)
+        bad = [name for name in ("table", "t", "s", "prior") if not bool(torch.isfinite(getattr(self.table, name)).all())]
+        if bad:
+            raise ValueError(f"the {solver} step table of {dyn!r} has non-finite coefficients ({', '.join(bad)}); "
+                             "these dynamics cannot be sampled (with the official recipe, try recipe='exact')")
+        _check_model(model, self.device)
         self.precision, self.cuda_graphs, self.channels_last = precision, cuda_graphs, channels_last
         self.num_classes, self.progress = num_classes, progress
         self._compile, self._compile_mode = compile, compile_mode
@@ -219,6 +261,9 @@ class Sampler:
             labels = torch.as_tensor(labels).to("cpu", torch.int64)
             if labels.shape != (num,):
                 raise ValueError(f"labels must hold one class per image: got shape {tuple(labels.shape)} for {num} images")
+        if batch_size is not None and int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1 (or None: all images at once), got {batch_size}")
+        _check_request(self.model, shape, labels, num, self.num_classes)
         batch_size = int(batch_size or len(idx) or 1)
         K = self.dyn.num_aug
         bar = None
@@ -239,6 +284,12 @@ class Sampler:
                 step_cb = None if bar is None else (lambda k, b=b: bar.update(k * b))
                 self.run(z, x_in, y, seeds, progress=step_cb)
                 img = self.finish(z, x_in, y)
+                finite = torch.isfinite(img.reshape(b, -1)).all(dim=1)
+                if not bool(finite.all()):     # never hand NaN to a writer
+                    bad = [chunk[j] for j in torch.nonzero(~finite).reshape(-1).tolist()]
+                    raise ValueError(f"images {bad[:8]}{' ...' if len(bad) > 8 else ''} ({len(bad)} of this batch of "
+                                     f"{b}) came out non-finite (NaN/inf): the network's weights or the dynamics "
+                                     "are broken; nothing of this batch was returned")
                 done += b
                 if bar is not None:
                     el = time.perf_counter() - t0

@@ -36,6 +36,8 @@ from gfdm_fast import checkpoint as ckpt
 from gfdm_fast import data as gdata
 from gfdm_fast import ops
 from gfdm_fast.errors import UserError
+from gfdm_fast.io import atomic_save, atomic_write_file
+from gfdm_fast.runs import FolderLock, clean_stale_temporaries, new_run_id
 from gfdm_fast.philox import MASK32, STREAM_TRAIN, philox4x32, uniform_from_bits
 
 T_MIN = 1e-5            # t ~ U(T_MIN, 1)
@@ -92,7 +94,16 @@ class TrainConfig:
     device: str | None = None                # None: cuda when available
     num_workers: int = 0
     progress: bool = True
+    nonfinite: str = "stop"                  # a NaN/inf loss or gradient: "stop" the run, or "skip" the step
+    explicit: tuple | None = None            # flags the user gave (CLI); None: fields that differ from these
     extra: dict = field(default_factory=dict)
+
+
+# On --resume: what the user may change (applied and recorded), everything else must match the run.
+RESUME_SAFE = ("lr", "train_steps", "gradient_clip_val", "max_minutes", "log_model_every_n", "val_check_interval",
+               "val_steps", "val_samples", "log_every_n_steps", "device", "num_workers", "progress", "compile",
+               "nonfinite", "output_dir", "data_dir", "download")
+RESUME_IGNORED = ("resume", "explicit", "extra", "seed", "wb_id")
 
 
 # ----------------------------------------------------------------------------- EMA
@@ -341,14 +352,16 @@ class Trainer:
         cfg.data_name = str(cfg.data_name).lower()
         self.dist = setup_distributed(cfg.device)
         self.device = self.dist.device
+        if cfg.nonfinite not in ("stop", "skip"):
+            raise UserError(f"--nonfinite must be stop or skip, got {cfg.nonfinite!r}")
         self.state_in = self._read_resume() if cfg.resume else None
-        if self.state_in is not None:   # the run's own settings win over defaults
-            saved = self.state_in["extra"]["train_config"]
-            cfg.seed, cfg.wb_id = saved["seed"], saved["wb_id"]
+        self.resume_changes = {}
+        if self.state_in is not None:   # the run's own settings, with what the user may change on top
+            self.cfg = cfg = self._resume_config(cfg, self.state_in)
         if cfg.seed is None:
             cfg.seed = _broadcast(int.from_bytes(os.urandom(4), "little") >> 1, self.dist)
         if cfg.wb_id is None:
-            cfg.wb_id = _broadcast(time.strftime("%Y%m%d-%H%M%S"), self.dist)
+            cfg.wb_id = _broadcast(new_run_id(), self.dist)
 
         self.dataset = gdata.load_dataset(cfg.data_name, cfg.data_dir, split="train", download=cfg.download,
                                           image_size=cfg.image_size, channels=cfg.channels)
@@ -362,10 +375,45 @@ class Trainer:
             raise UserError(f"--batch_size {cfg.batch_size} is larger than the data set ({len(self.dataset)} images)")
         self.dyn = make_dyn(cfg)
         self.run_dir = self.resume_dir if self.state_in is not None else os.path.join(cfg.output_dir, run_name(cfg))
-        if self.state_in is None and os.path.exists(os.path.join(self.run_dir, STATE_FILE)):
-            raise UserError(f"{self.run_dir} already holds a run: continue it with --resume {self.run_dir} "
-                            f"or choose another --wb_id")
-        self._build()
+        self.lock = None
+        outcome = None
+        if self.dist.main:      # one process owns the folder; the others learn the outcome
+            try:
+                self.lock = self._claim_run_dir()
+                outcome = "ok"
+            except UserError as err:
+                outcome = str(err)
+        outcome = _broadcast(outcome, self.dist)
+        if outcome != "ok":
+            raise UserError(outcome)
+        try:
+            self._build()
+        except BaseException:
+            self.release()
+            raise
+
+    def _claim_run_dir(self):
+        """Create a fresh run folder exclusively (or take the resumed one) and lock it for this process."""
+        if self.state_in is None:
+            os.makedirs(self.cfg.output_dir, exist_ok=True)
+            try:
+                os.mkdir(self.run_dir)
+            except FileExistsError:
+                lock = FolderLock(self.run_dir, "gfdm-fast train")
+                lock.acquire()          # names the holder when a live process trains there
+                lock.release()
+                what = ("holds a run" if os.path.exists(os.path.join(self.run_dir, STATE_FILE))
+                        else "exists (a run that stopped before its first save, or another folder)")
+                raise UserError(f"{self.run_dir} {what}: continue it with --resume {self.run_dir}, choose another "
+                                "--wb_id, or remove the folder") from None
+        lock = FolderLock(self.run_dir, "gfdm-fast train").acquire()
+        clean_stale_temporaries(self.run_dir)     # saves that a killed run left half-done
+        return lock
+
+    def release(self):
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # -- construction ---------------------------------------------------------------------------
     def _read_resume(self):
@@ -376,10 +424,44 @@ class Trainer:
         if not os.path.isfile(path):
             raise UserError(f"--resume {self.cfg.resume}: no {STATE_FILE} found (pass the run folder or its "
                             f"{STATE_FILE})")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if obj.get("format") != ckpt.FORMAT or "train_config" not in (obj.get("extra") or {}):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:   # truncated, or not a torch file at all
+            raise UserError(f"--resume: {path} cannot be read ({type(err).__name__}: {str(err)[:120]}); it is "
+                            "damaged (a copy cut short?): restore it, or start a new run") from None
+        if not isinstance(obj, dict) or obj.get("format") != ckpt.FORMAT or "train_config" not in (obj.get("extra") or {}):
             raise UserError(f"{path} is not a gfdm-fast training state (written by gfdm-fast train)")
         return obj
+
+    def _resume_config(self, cfg, state):
+        """The resumed run's settings; flags the user gave apply where safe (RESUME_SAFE), else must match."""
+        saved = dict(state["extra"]["train_config"])
+        explicit = cfg.explicit
+        if explicit is None:   # Python API: what differs from the defaults was asked for
+            default = TrainConfig()
+            explicit = tuple(f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name))
+        out, changes = {}, {}
+        for f in dataclasses.fields(cfg):
+            name, new = f.name, getattr(cfg, f.name)
+            if name in RESUME_IGNORED or name not in saved:
+                out[name] = saved.get(name, new) if name in ("seed", "wb_id") else new
+                continue
+            old = saved[name]
+            if name not in explicit or new == old:
+                out[name] = old
+            elif name in RESUME_SAFE:
+                out[name] = new
+                changes[name] = [old, new]
+            else:
+                raise UserError(f"--resume: --{name} cannot change on a resumed run (it was {old!r}, given {new!r}); "
+                                f"drop --{name}, or start a new run")
+        if saved.get("use_lr_scheduler") and {"lr", "train_steps"} & set(changes):
+            raise UserError("--resume: the run's OneCycle schedule fixes --lr and --train_steps; drop them, "
+                            "or start a new run")
+        if int(out["train_steps"]) < int(state["step"]):
+            raise UserError(f"--resume: --train_steps {out['train_steps']} is below the run's step {state['step']}")
+        self.resume_changes = changes
+        return TrainConfig(**{**out, "resume": cfg.resume, "explicit": cfg.explicit})
 
     def _build(self):
         from gfdm_fast.models import build_model, compile_model, set_sdpa
@@ -394,6 +476,9 @@ class Trainer:
         self.step = 0
         self.log_acc = [0, 0]        # steps, images since the last row
         self.loss_sum = torch.zeros((), device=self.device)   # this rank's loss sum since the last row
+        self.first_nonfinite = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self.skipped = []                                      # steps skipped by --nonfinite skip
+        self.saved_step = None                                 # step of the last state written
         self.version = 0
         if self.state_in is not None:
             self._restore(self.state_in)
@@ -416,6 +501,9 @@ class Trainer:
         ex = obj["extra"]
         self.model.load_state_dict(obj["state_dict"])
         self.opt.load_state_dict(ex["optimizer"])
+        if "lr" in self.resume_changes:
+            for group in self.opt.param_groups:
+                group["lr"] = self.cfg.lr
         if self.sched is not None:
             if ex.get("scheduler") is None:
                 raise UserError("--resume: the run had no LR scheduler; pass --use_lr_scheduler False")
@@ -425,7 +513,7 @@ class Trainer:
                 raise UserError("--resume: the run kept no EMA; pass --use_ema False")
             self.ema.ema_model.load_state_dict(obj["ema_state_dict"])
             self.ema.step, self.ema.initted = int(ex["ema_step"]), bool(ex["ema_initted"])
-        self.step = int(obj["step"])
+        self.step = self.saved_step = int(obj["step"])
         self.log_acc = list(ex["log_acc"])
         self.version = int(ex["version"])
         ranks = ex["ranks"]
@@ -464,8 +552,17 @@ class Trainer:
                 loss = self.loss_on(x0, y, m) / accum
                 loss.backward()
             total += loss.detach()
-        if cfg.gradient_clip_val and cfg.gradient_clip_val > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.gradient_clip_val)
+        clip = cfg.gradient_clip_val if cfg.gradient_clip_val and cfg.gradient_clip_val > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)   # inf: measures, clips nothing
+        finite = torch.isfinite(total) & torch.isfinite(grad_norm)
+        if cfg.nonfinite == "skip" and not bool(finite):   # opt-in: one host sync per step
+            self.opt.zero_grad(set_to_none=True)
+            self.skipped.append(self.step + 1)
+            self.step += 1
+            return torch.zeros_like(total)
+        # stop: the first bad step is remembered on the device and checked at every log row and save
+        self.first_nonfinite = torch.where((self.first_nonfinite < 0) & ~finite,
+                                           torch.full_like(self.first_nonfinite, self.step + 1), self.first_nonfinite)
         self.opt.step()
         if self.sched is not None:
             self.sched.step()
@@ -475,6 +572,15 @@ class Trainer:
         self.step += 1
         return total
 
+    def check_finite(self):
+        """Raise (nothing saved) if a step since the start had a NaN/inf loss or gradient."""
+        bad = int(self.first_nonfinite)
+        if bad >= 0:
+            kept = (f"the last saved state (step {self.saved_step}) in {self.run_dir} is intact"
+                    if self.saved_step is not None else "nothing was saved")
+            raise UserError(f"non-finite loss or gradient at step {bad}; stopped without saving, so {kept}. "
+                            "Lower --lr, set --gradient_clip_val, or pass --nonfinite skip to skip such steps")
+
     # -- outputs --------------------------------------------------------------------------------
     def _metadata(self):
         cfg = self.cfg
@@ -483,7 +589,8 @@ class Trainer:
                 "recipe": "exact", "time_weight": TIME_WEIGHT, "seed": cfg.seed,
                 "data": {"data_name": cfg.data_name, "channels": self.shape[0], "image_size": self.shape[1],
                          "num_classes": self.net_config.num_classes},
-                "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("extra", "progress")},
+                "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("extra", "progress", "explicit")},
+                "resumed_with": self.resume_changes,
                 "world_size": self.dist.world}
 
     def _gather_ranks(self):
@@ -496,6 +603,7 @@ class Trainer:
         return out
 
     def save(self, final=False):
+        self.check_finite()
         ranks = self._gather_ranks()   # collective: every rank takes part
         if not self.dist.main:
             return
@@ -503,12 +611,12 @@ class Trainer:
         os.makedirs(mdir, exist_ok=True)
         tag = "final" if final else f"v{self.version}"
         sd = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        ckpt.atomic_save(sd, os.path.join(mdir, f"model-{tag}.pth"))
+        atomic_save(sd, os.path.join(mdir, f"model-{tag}.pth"))
         if self.ema is not None:
-            ckpt.atomic_save(self.ema.official_state_dict(), os.path.join(mdir, f"ema_model-{tag}.pth"))
+            atomic_save(self.ema.official_state_dict(), os.path.join(mdir, f"ema_model-{tag}.pth"))
         if not final:
             self.version += 1
-        extra = {"train_config": {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "extra"},
+        extra = {"train_config": {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ("extra", "explicit")},
                  "optimizer": self.opt.state_dict(),
                  "scheduler": None if self.sched is None else self.sched.state_dict(),
                  "ema_step": None if self.ema is None else self.ema.step,
@@ -517,6 +625,7 @@ class Trainer:
         ckpt.save(os.path.join(self.run_dir, STATE_FILE), sd, self.net_config, dynamics=self.dyn.config(),
                   recipe="exact", ema=None if self.ema is None else self.ema.ema_model.state_dict(),
                   step=self.step, extra=extra)
+        self.saved_step = self.step
 
     @torch.no_grad()
     def sample_grid(self):
@@ -583,6 +692,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
         self.loss_sum.zero_()
         self.log_acc = [0, 0]
+        self.check_finite()
         return self.step, loss
 
     # -- the loop -------------------------------------------------------------------------------
@@ -590,8 +700,8 @@ class Trainer:
         cfg, dist = self.cfg, self.dist
         if dist.main:
             os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "gfdm_run.json"), "w") as f:
-                json.dump(self._metadata(), f, indent=2)
+            atomic_write_file(os.path.join(self.run_dir, "gfdm_run.json"),
+                              lambda f: f.write(json.dumps(self._metadata(), indent=2).encode()))
         sampler = MicroBatches(len(self.dataset), cfg.batch_size, cfg.seed, world=dist.world, rank=dist.rank,
                                start=self.step * cfg.accumulate_grad_batches)
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, collate_fn=gdata.collate_batch,
@@ -659,5 +769,6 @@ def train(cfg: TrainConfig, *, stop_at_step=None):
     try:
         return trainer.fit(stop_at_step=stop_at_step)
     finally:
+        trainer.release()
         if trainer.dist.active and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -18,6 +18,7 @@ from gfdm_fast.cli import generate as G
 from gfdm_fast.cli import main
 from gfdm_fast.metrics import fid as F
 from gfdm_fast.models import build_model, config_from_flags
+from gfdm_fast.runs import LOCK_FILE
 from gfdm_fast.sampler import Sampler, draw_labels
 
 RUN = "7_mnist_H0.7_K2"              # {run_id}_{data_name}_H{hurst}_K{num_aug}
@@ -50,6 +51,9 @@ def tree(root):
         for name in dirs:
             out[os.path.relpath(os.path.join(dirpath, name), root)] = "folder"
         for name in files:
+            if name == LOCK_FILE:      # the folder lock: its holder record changes with every run
+                out[os.path.relpath(os.path.join(dirpath, name), root)] = "lock"
+                continue
             st = os.stat(os.path.join(dirpath, name))
             out[os.path.relpath(os.path.join(dirpath, name), root)] = (st.st_size, st.st_mtime_ns)
     return out
@@ -228,7 +232,7 @@ def test_out_shards_hold_the_quantised_samples(full_out, reference):
     diff = np.abs(images.astype(int) - quantised(reference[0]).astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01                     # rounding at a level boundary at most
     np.testing.assert_array_equal(labels, reference[1].astype(np.int64))
-    assert sorted(os.listdir(full_out)) == sorted(names + [G.MANIFEST])
+    assert sorted(os.listdir(full_out)) == sorted(names + [G.MANIFEST, LOCK_FILE])   # the lock file stays
 
 
 def test_resume_interrupted_out_run(runs, full_out, monkeypatch):
@@ -256,7 +260,7 @@ def test_resume_interrupted_out_run(runs, full_out, monkeypatch):
     rc, _, err = generate(*args)
     assert rc == 130
     monkeypatch.undo()
-    assert sorted(os.listdir(out)) == sorted([G.MANIFEST, first.name, "samples_000004-000008.npz"])
+    assert sorted(os.listdir(out)) == sorted([G.MANIFEST, LOCK_FILE, first.name, "samples_000004-000008.npz"])
     second = out / "samples_000004-000008.npz"
     stamp2 = second.stat().st_mtime_ns
 
@@ -372,7 +376,7 @@ def test_two_processes_match_one(runs, reference, full_out, tmp_path):
     assert rel_diff(data, reference[0]) <= SAME
     np.testing.assert_array_equal(labels, reference[1])
     base = runs / RUN / "generated_data" / "model-final" / f"sde{STEPS}"
-    assert sorted(p.name for p in base.iterdir()) == ["data", "label"]     # the per-rank parts are gone
+    assert sorted(p.name for p in base.iterdir()) == [LOCK_FILE, "data", "label"]   # the per-rank parts are gone
     names, images, shard_labels = read_shards(runs / "shards")
     full_names, full_images, full_labels = read_shards(full_out)
     assert names == full_names

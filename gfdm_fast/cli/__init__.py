@@ -5,7 +5,9 @@ Errors a user can cause (``UserError``, ``ValueError``, missing files) end in
 one line on stderr and exit status 2, never a traceback.
 """
 import argparse
+import errno
 import importlib
+import os
 import sys
 
 from gfdm_fast.errors import UserError
@@ -44,10 +46,22 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 2
+    args._argv = list(sys.argv[1:] if argv is None else map(str, argv))   # which flags were given
     try:
         result = importlib.import_module(args._module).run(args)
     except (UserError, ValueError, FileNotFoundError) as err:
         print(f"gfdm-fast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except PermissionError as err:          # a read-only output folder, a file owned by someone else
+        where = err.filename or "a file"
+        print(f"gfdm-fast {args.command}: error: cannot write {where}: permission denied; choose a folder "
+              "you can write to (or fix its permissions)", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"gfdm-fast {args.command}: error: cannot write {err.filename or 'the output'}: "
+              f"{os.strerror(err.errno)}; choose another output folder", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gfdm-fast {args.command}: interrupted", file=sys.stderr)

@@ -4,9 +4,11 @@ The same measurement as benchmarks/throughput.py --quick (the timing code is gfd
 the full sizes, compiled variants and the plot are in that script.
 """
 import json
+import tempfile
 from pathlib import Path
 
 from gfdm_fast.errors import UserError
+from gfdm_fast.io import atomic_write_file
 
 
 def add_arguments(parser):
@@ -32,6 +34,10 @@ def run(args):
         raise UserError("--device cuda: no CUDA device is visible; use --device cpu")
     if args.json is not None and args.json.is_dir():
         raise UserError(f"--json {args.json} is a folder; give a file path")
+    if args.json is not None:    # a folder that cannot be written fails now, not after the benchmark
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.json.parent):
+            pass
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.set_grad_enabled(False)
     print(f"gfdm-fast bench (quick) on {bench.describe(device)}, torch {torch.__version__}", flush=True)
@@ -41,7 +47,6 @@ def run(args):
     print()
     print(bench.format_table(rows, details))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        atomic_write_file(str(args.json), lambda f: f.write((json.dumps(rows, indent=1) + "\n").encode()))
         print(f"wrote {args.json}")
     return 0

@@ -32,6 +32,8 @@ import numpy as np
 
 from gfdm_fast.cli import parse_bool
 from gfdm_fast.errors import UserError
+from gfdm_fast.io import atomic_write_file
+from gfdm_fast.runs import LOCK_FILE, FolderLock, clean_stale_temporaries
 from gfdm_fast.sampler import PRECISIONS, SOLVERS
 
 # The official generate.py defaults (args.py: args_base + args_gen).
@@ -45,6 +47,7 @@ CONFIG_FLAGS = {"in_channels": "channels", "image_size": "image_size", "model_ch
                 "channel_mult": "channel_mult", "num_classes": "num_classes"}   # dropout: no effect when sampling
 RUN_META = "gfdm_run.json"          # written by `gfdm-fast train` beside model/
 MANIFEST = "gfdm_generate.json"     # settings of an --out run, checked on resume
+_RUN_NAME = re.compile(r"^.+_H(?P<hurst>[0-9.]+)_K(?P<num_aug>\d+)$")
 _CKPT_NAME = re.compile(r"^(?:ema_)?model-(?P<version>.+)\.pth$")
 _SHARD_NAME = re.compile(r"^(samples|grid)_\d+-\d+\.(npz|png)$")
 _COPY_ROWS = 4096                   # rows per chunk when assembling the official .npy
@@ -185,6 +188,28 @@ def _dyn_fields(rec):
         return {k: src[k] for k in checkpoint.DYNAMICS_KEYS if src.get(k) is not None}
 
 
+def _find_run(args):
+    """(hurst, num_aug) of the run folder: the flags; else the one folder that --run_id and --data_name name;
+    else the official defaults (so the message lists what exists)."""
+    if args.hurst is not None and args.num_aug is not None:
+        return args.hurst, args.num_aug
+    prefix = f"{_run_id(args.run_id)}_{args.data_name}_H"
+    found = []
+    for d in sorted(os.listdir(args.output_dir)) if os.path.isdir(args.output_dir) else ():
+        m = _RUN_NAME.match(d)
+        if (m and d.startswith(prefix) and os.path.isdir(os.path.join(args.output_dir, d))
+                and (args.hurst is None or math.isclose(float(m["hurst"]), args.hurst))
+                and (args.num_aug is None or int(m["num_aug"]) == args.num_aug)):
+            found.append((float(m["hurst"]), int(m["num_aug"]), d))
+    if len(found) == 1:
+        return found[0][:2]
+    if len(found) > 1:
+        raise UserError(f"--run_id {args.run_id} --data_name {args.data_name} matches {len(found)} run folders "
+                        f"({', '.join(d for *_, d in found)}); pass --hurst and --num_aug")
+    return (args.hurst if args.hurst is not None else OFFICIAL["hurst"],
+            args.num_aug if args.num_aug is not None else OFFICIAL["num_aug"])
+
+
 def _locate(args):
     """The checkpoint file and the run's records, or one message listing what exists."""
     from gfdm_fast import checkpoint
@@ -201,8 +226,7 @@ def _locate(args):
         version = m["version"] if m else os.path.splitext(os.path.basename(path))[0]
         use_ema = args.use_ema     # None: take what the file holds
     else:
-        hurst = args.hurst if args.hurst is not None else OFFICIAL["hurst"]
-        num_aug = args.num_aug if args.num_aug is not None else OFFICIAL["num_aug"]
+        hurst, num_aug = _find_run(args)
         name = f"{_run_id(args.run_id)}_{args.data_name}_H{float(hurst)}_K{int(num_aug)}"
         run_dir = os.path.abspath(os.path.join(args.output_dir, name))
         if not os.path.isdir(args.output_dir):
@@ -412,22 +436,18 @@ def _makedirs(path):
 
 
 def _remove_empty(folders):
+    """Remove the folders this run created if nothing but the lock file is left in them."""
     for d in reversed(folders):
         with contextlib.suppress(OSError):
+            if os.listdir(d) == [LOCK_FILE]:
+                os.remove(os.path.join(d, LOCK_FILE))
             os.rmdir(d)
 
 
-def _atomic_write(path, write):
-    """``write(file_object)`` to a temp name beside ``path``, then ``os.replace``: never half a file."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:   # open(), unlike mkstemp, honours the umask
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+def _release(sink):
+    if sink.lock is not None:
+        sink.lock.release()
+        sink.lock = None
 
 
 class OfficialSink:
@@ -443,13 +463,21 @@ class OfficialSink:
         self.save_dir, self.n, self.dist = save_dir, n, dist
         self.C, self.H, self.W = shape
         self.indices = list(indices)
-        self.created = []
-        if dist.rank == 0:
-            self.created = _makedirs(save_dir)
-            stamp = self._new_stamp()
-        else:
-            stamp = None
-        self.stamp = dist.broadcast(stamp)
+        self.created, self.lock = [], None
+        found = None
+        if dist.rank == 0:   # one rank owns the folder; every rank learns the outcome
+            try:
+                self.created = _makedirs(save_dir)
+                self.lock = FolderLock(save_dir, "gfdm-fast generate").acquire()
+                clean_stale_temporaries(save_dir)   # a killed run's part files and half-copied .npy
+                found = ("ok", self._new_stamp())
+            except UserError as err:
+                _remove_empty(self.created)
+                found = ("error", str(err))
+        kind, stamp = dist.broadcast(found)
+        if kind == "error":
+            raise UserError(stamp)
+        self.stamp = stamp
         self.tmp_dir = os.path.join(save_dir, f".tmp-{self.stamp}")
         if dist.rank == 0:
             os.makedirs(self.tmp_dir, exist_ok=True)
@@ -510,6 +538,7 @@ class OfficialSink:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self.dist.barrier()
         self.created = []
+        _release(self)
         return paths
 
     def abort(self):
@@ -520,6 +549,7 @@ class OfficialSink:
         for kind in ("data", "label"):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(self.save_dir, kind, f".{kind}_{self.stamp}.npy.tmp"))
+        _release(self)
         _remove_empty(self.created)
 
 
@@ -532,22 +562,22 @@ class ShardSink:
 
     def __init__(self, out, n, shard_size, png, manifest, dist, max_shards=None, need_all=False):
         self.out, self.n, self.size, self.png, self.dist = out, n, shard_size, png, dist
-        self.created = []
+        self.created, self.lock = [], None
         self.count = math.ceil(n / shard_size)
         found = None
         if dist.rank == 0:   # one rank decides; every rank learns the outcome (no rank left waiting)
             try:
                 self.created = _makedirs(out)
+                self.lock = FolderLock(out, "gfdm-fast generate").acquire()
                 pending = [k for k in range(self.count) if not os.path.exists(self.path(k))]
                 if need_all and len(pending) < self.count:
                     raise UserError(f"--fid-ref needs every image, but --out {out} already holds finished shards; "
                                     "compute the FID of the finished run with `gfdm-fast fid`, or use an empty --out")
                 self._check_manifest(manifest)
-                for name in os.listdir(out):   # temp files of a killed run
-                    if name.startswith((".samples_", ".grid_")) and name.endswith(".tmp"):
-                        os.remove(os.path.join(out, name))
+                clean_stale_temporaries(out, recursive=False)   # temp files of a killed run
                 found = ("ok", pending)
             except UserError as err:
+                _release(self)
                 _remove_empty(self.created)
                 found = ("error", str(err))
         kind, value = dist.broadcast(found)
@@ -577,7 +607,7 @@ class ShardSink:
             if strays:
                 raise UserError(f"--out {self.out} holds shards ({strays[0]}, ...) but no {MANIFEST} to say which "
                                 "run wrote them; choose another --out folder or empty this one")
-            _atomic_write(path, lambda f: f.write(json.dumps(manifest, indent=1, sort_keys=True).encode()))
+            atomic_write_file(path, lambda f: f.write(json.dumps(manifest, indent=1, sort_keys=True).encode()))
 
     def path(self, k):
         start, end = k * self.size, min((k + 1) * self.size, self.n)
@@ -605,17 +635,19 @@ class ShardSink:
         if self.png:
             from PIL import Image
             grid = _grid(images)
-            _atomic_write(self.path(k), lambda f: Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+            atomic_write_file(self.path(k), lambda f: Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
                           .save(f, format="PNG"))
         else:
-            _atomic_write(self.path(k), lambda f: np.savez(f, arr_0=images, labels=labels))
+            atomic_write_file(self.path(k), lambda f: np.savez(f, arr_0=images, labels=labels))
 
     def finish(self):
         self.dist.barrier()
         self.created = []
+        _release(self)
         return sum(os.path.exists(self.path(k)) for k in range(self.count))
 
     def abort(self):
+        _release(self)
         _remove_empty(self.created)   # only folders this run created and left empty
 
 
@@ -658,6 +690,11 @@ class FIDSink:
 # ----------------------------------------------------------------------------- the command
 
 def _check_numbers(args):
+    from gfdm_fast.mafbm import check_hurst, check_num_aug
+    if args.hurst is not None:
+        check_hurst(args.hurst)          # range errors before any run folder is looked for
+    if args.num_aug is not None:
+        check_num_aug(args.num_aug)
     if args.n_samples <= 0:
         raise UserError(f"--n_samples must be > 0, got {args.n_samples}")
     if args.batch_size <= 0:

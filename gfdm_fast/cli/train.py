@@ -48,6 +48,8 @@ def add_arguments(parser):
     o.add_argument("--compile", type=parse_bool, default=False, help="torch.compile the network (default False)")
     o.add_argument("--seed", type=int, default=None, help="seed of weights, data order, noise (default: drawn, "
                                                          "recorded in gfdm_run.json)")
+    o.add_argument("--nonfinite", default="stop", choices=("stop", "skip"),
+                   help="a NaN/inf loss or gradient: stop the run (nothing saved after it; default) or skip the step")
     o.add_argument("--max_minutes", type=float, default=None, help="stop after this wall time (final files written)")
     r = parser.add_argument_group("outputs")
     r.add_argument("--output_dir", default="runs", help="runs go to OUTPUT_DIR/{wb_id}_{data}_H{hurst}_K{K}/")
@@ -67,7 +69,9 @@ def add_arguments(parser):
 def run(args):
     from gfdm_fast.train import TrainConfig, train
 
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__})
+    given = tuple(tok[2:].split("=")[0] for tok in getattr(args, "_argv", ()) if tok.startswith("--"))
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__},
+                      explicit=given)
     result = train(cfg)
     import torch.distributed as dist
     if not dist.is_initialized() or dist.get_rank() == 0:

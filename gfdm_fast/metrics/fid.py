@@ -17,9 +17,9 @@ shards, one ``.npy``/``.npz`` array (uint8 or float in [0, 1], (N,H,W,C) or
 policy of issue 5); far outside is an error.
 """
 import contextlib
+import math
 import os
 import pathlib
-import tempfile
 import zipfile
 
 import numpy as np
@@ -443,6 +443,8 @@ class FIDAccumulator:
         mu = self.sum_f / n
         sigma = (self.sum_ff - n * torch.outer(mu, mu)) / (n - 1)
         sigma = (sigma + sigma.T) / 2  # exact symmetry, as np.cov's result
+        if not bool(torch.isfinite(mu).all() and torch.isfinite(sigma).all()):
+            raise UserError("the features of these images hold NaN or inf; check the images (or the extractor)")
         return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
@@ -452,10 +454,15 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2):
     if mu1.shape != mu2.shape or np.shape(sigma1) != np.shape(sigma2):
         raise UserError(f"statistics of different feature sizes ({mu1.shape[0]} vs {mu2.shape[0]} dims): "
                         f"compute both with the same --dims")
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        raise UserError("the statistics hold NaN or inf: FID is undefined; recompute them from finite images")
     try:
-        return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
+        value = float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
     except ValueError as err:  # pytorch-fid's "Imaginary component" on a degenerate product
         raise UserError(f"FID is numerically undefined here ({err}); use more images than --dims features") from None
+    if not math.isfinite(value):
+        raise UserError("FID came out NaN/inf (a degenerate covariance); use more images than --dims features")
+    return value
 
 
 def load_stats(path):
@@ -472,22 +479,15 @@ def load_stats(path):
         raise UserError(f"cannot read statistics file {path}: {err}") from None
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not form (d,) and (d, d) statistics")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserError(f"{path}: the statistics hold NaN or inf; recompute them (gfdm-fast fid --save-stats)")
     return mu, sigma
 
 
 def save_stats(path, mu, sigma):
-    """Write pytorch-fid's ``.npz`` (``mu``, ``sigma``), atomically: a temp name, then ``os.replace``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:  # a file object: numpy adds no .npz suffix
-            np.savez_compressed(f, mu=mu, sigma=sigma)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    """Write pytorch-fid's ``.npz`` (``mu``, ``sigma``) atomically."""
+    from gfdm_fast.io import atomic_write_file
+    atomic_write_file(os.fspath(path), lambda f: np.savez_compressed(f, mu=mu, sigma=sigma))
 
 
 def compute_statistics(images, accumulator, batch_size=50, num_workers=0, extra=(), progress=False):

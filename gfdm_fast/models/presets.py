@@ -99,10 +99,17 @@ def config_from_flags(*, channels, image_size, model_channels, num_res_blocks, a
     if image_size % 2 ** (len(mult) - 1):
         raise UserError(f"--image_size {image_size} is not divisible by 2^{len(mult) - 1}, "
                         f"as --channel_mult {','.join(map(str, mult))} needs")
+    attn = _int_tuple(attn_resolutions, "--attn_resolutions")
+    reached = [2 ** level for level in range(len(mult))]
+    unused = [r for r in attn if r not in reached]
+    if unused:
+        raise UserError(f"--attn_resolutions {','.join(map(str, attn))}: {','.join(map(str, unused))} is no "
+                        f"down-sampling rate of --channel_mult {','.join(map(str, mult))} (it reaches "
+                        f"{','.join(map(str, reached))}), so no attention would be built there")
     return UNetConfig(image_size=int(image_size), in_channels=int(channels),
                       model_channels=int(model_channels), out_channels=int(channels),
                       num_res_blocks=int(num_res_blocks),
-                      attention_resolutions=_int_tuple(attn_resolutions, "--attn_resolutions"),
+                      attention_resolutions=attn,
                       dropout=float(dropout), channel_mult=mult,
                       num_classes=int(num_classes) if num_classes else None)
 
