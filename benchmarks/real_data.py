@@ -99,6 +99,8 @@ def main():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--retrain", action="store_true")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--train-only", action="store_true", help="train (or resume) the runs and stop: lets the "
+                   "dynamics train in parallel processes, one --dynamics each, before one judging run")
     args = p.parse_args()
     from gfdm_fast.models.presets import CPU_RECIPE
     args.lr = args.lr or CPU_RECIPE["lr"]
@@ -109,6 +111,10 @@ def main():
         p.error("--n must be a positive multiple of 10 (n/10 samples per class)")
     os.makedirs(args.out, exist_ok=True)
 
+    if args.train_only:
+        for name in [d for d in args.dynamics.split(",") if d]:
+            print(name, trained(name, args)[2], flush=True)
+        return
     judge = load_judge("mnist5k", progress=True)
     held, _ = unit_images(load_dataset("mnist5k", split="test"))
     train_x, train_y = unit_images(load_dataset("mnist5k", split="train"))
