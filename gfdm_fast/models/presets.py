@@ -67,7 +67,14 @@ PRESETS = {
     "cifar10": UNetConfig(image_size=32, in_channels=3, model_channels=128, out_channels=3,
                           num_res_blocks=4, attention_resolutions=(8,), dropout=0.1,
                           channel_mult=(1, 2, 2, 2), num_classes=10),
+    # 28x28 digits on a few CPU cores (benchmarks/real_data.py): 1.1M parameters, no attention
+    "mnist_cpu": UNetConfig(image_size=28, in_channels=1, model_channels=32, out_channels=1,
+                            num_res_blocks=1, attention_resolutions=(), dropout=0.0,
+                            channel_mult=(1, 2, 2), num_classes=10),
 }
+
+# Optimiser settings that go with the mnist_cpu preset (measured in benchmarks/RESULTS.md, real data).
+CPU_RECIPE = {"lr": 1e-3, "batch_size": 64}
 
 
 def preset(name):
