@@ -350,3 +350,15 @@ def test_samples_across_batch_sizes():
     runs = [sampler.sample(20, (1, 8, 8), seed=5, batch_size=b) for b in (1, 7, 20)]
     spread = max(float((r - runs[2]).abs().max()) for r in runs[:2])
     assert spread <= 1e-4, spread                # README: measured <= 1.4e-4 at 50 steps on a random UNet
+
+
+def test_fid_dims_mismatch_is_reported_before_any_feature_pass(tmp_path, monkeypatch, capsys):
+    from gfdm_fast.metrics import fid
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(64), sigma=np.eye(64))
+    np.savez(tmp_path / "imgs.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
+
+    def no_inception(*a, **k):
+        raise AssertionError("Inception was loaded before the statistics were checked")
+    monkeypatch.setattr(fid, "load_inception", no_inception)
+    assert main(["fid", str(tmp_path / "imgs.npz"), str(tmp_path / "ref.npz"), "--dims", "2048"]) == 2
+    assert "64-dim statistics but the features are 2048-dim" in capsys.readouterr().err

@@ -88,20 +88,26 @@ def run(args):
     # Check every source before the (slow) Inception load.
     sources = [None if is_stats_file(p) else open_images(p, args.data_dir) for p in args.path[:1 if args.save_stats
                                                                                                else 2]]
-    model, extractor, dims = None, None, args.dims
+    dims = args.dims
     if judge_data is not None:
-        from gfdm_fast.metrics.judge import FEATURE_DIMS, load_judge
+        from gfdm_fast.metrics.judge import FEATURE_DIMS
+        dims = FEATURE_DIMS
+    loaded = {p: load_stats(p) for p, images in zip(args.path, sources) if images is None}
+    for path, (mu, _) in loaded.items():          # before any feature pass: a mismatch costs nothing
+        if mu.shape != (dims,):
+            raise UserError(f"{path} holds {mu.shape[0]}-dim statistics but the features are {dims}-dim; "
+                            "use the extractor that wrote it (--dims / --features)")
+    model, extractor = None, None
+    if judge_data is not None:
+        from gfdm_fast.metrics.judge import load_judge
         model = load_judge(judge_data, args.data_dir, device=device, progress=True)
-        extractor, dims = model.features, FEATURE_DIMS
+        extractor = model.features
     elif any(s is not None for s in sources):
         model = load_inception(args.dims, args.inception_weights, device)
     stats, vendi = [], []
     for path, images in zip(args.path, sources):
         if images is None:
-            stats.append(load_stats(path))
-            if stats[-1][0].shape != (dims,):
-                raise UserError(f"{path} holds {stats[-1][0].shape[0]}-dim statistics but the features are "
-                                f"{dims}-dim; use the extractor that wrote it (--dims / --features)")
+            stats.append(loaded[path])
             vendi.append(None)
             continue
         acc = FIDAccumulator(dims, device, model=model, extractor=extractor)

@@ -114,7 +114,7 @@ def cache_dir_default():
 def load_judge(data_name="mnist5k", data_dir=None, *, cache_dir=None, device="cpu", progress=False):
     """The judge of data set ``data_name``: loaded from the cache, or trained on its training split once."""
     from gfdm_fast.data import load_dataset
-    from gfdm_fast.checkpoint import atomic_save
+    from gfdm_fast.io import atomic_save
 
     ds = load_dataset(data_name, data_dir, split="train")
     if not hasattr(ds, "__getitems__") or getattr(ds, "labels", None) is None:
