@@ -189,7 +189,7 @@ def test_marginal_stats_vectorised_shapes():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(name="fvp", hurst=1.2, num_aug=2), r"hurst must be a number in \(0, 1\)"),
     (dict(name="fvp", hurst=0.0, num_aug=2), r"hurst must be a number in \(0, 1\)"),
-    (dict(name="fvp", hurst=0.5, num_aug=-1), "num_aug must be an integer >= 0"),
+    (dict(name="fvp", hurst=0.5, num_aug=-1), "num_aug must be an integer in 0..20"),
     (dict(name="ddpm", hurst=0.5, num_aug=2), "unknown dynamics 'ddpm': choose one of fvp, fve"),
     (dict(name="fvp", hurst=0.5, num_aug=2, recipe="fast"), "unknown recipe 'fast': choose one of exact, official"),
 ])

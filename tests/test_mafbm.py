@@ -80,5 +80,5 @@ def test_bad_hurst(bad):
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True])
 def test_bad_num_aug(bad):
-    with pytest.raises(ValueError, match="num_aug must be an integer >= 0"):
+    with pytest.raises(ValueError, match="num_aug must be an integer in 0..20"):
         mafbm.gamma_grid(bad)
