@@ -1,8 +1,19 @@
-"""Launch geometry shared by the one-pass pixel kernels."""
+"""Launch geometry shared by the one-pass pixel kernels, and the in-kernel step-index check."""
 import contextlib
 
 import torch
 import triton
+import triton.language as tl
+
+
+@triton.jit
+def checked_step(step_ptr, steps):
+    """(row index, poison) for the step read on the device: a step outside [0, steps) reads row 0
+    and gets poison = NaN (added to every output, as the CUDA kernels do); else poison = 0."""
+    step = tl.load(step_ptr)
+    bad = (step < 0) | (step >= steps)
+    nan = tl.full([], 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
+    return tl.where(bad, 0, step), tl.where(bad, nan, 0.0)
 
 
 def pixel_launch(n_pixels, tile_rows, device):

@@ -7,12 +7,12 @@ are per image, the Philox counter is (element, step, 2, 0) with ``step`` read on
 import triton
 import triton.language as tl
 
-from gfdm_fast import philox as P
+from gfdm_fast import layout
 
 from .launch import pixel_launch
 from .philox import philox_normal
 
-STREAM_TRAIN: tl.constexpr = tl.constexpr(P.STREAM_TRAIN)
+STREAM_TRAIN: tl.constexpr = tl.constexpr(layout.STREAM_TRAIN)
 
 INDEX_LIMIT = 2 ** 31          # offsets from here on need 64-bit arithmetic (tests lower it)
 

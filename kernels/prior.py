@@ -8,12 +8,12 @@ The K+1 normals of a pixel form one (KP1, BLOCK) tile, so every plane is written
 import triton
 import triton.language as tl
 
-from gfdm_fast import philox as P
+from gfdm_fast import layout
 
 from .launch import pixel_launch
 from .philox import philox_normal
 
-STREAM_PRIOR: tl.constexpr = tl.constexpr(P.STREAM_PRIOR)
+STREAM_PRIOR: tl.constexpr = tl.constexpr(layout.STREAM_PRIOR)
 
 INDEX_LIMIT = 2 ** 31          # offsets from here on need 64-bit arithmetic (tests lower it)
 

@@ -237,7 +237,6 @@ def test_64bit_offsets_give_the_same_result(monkeypatch):
 
 # ---- native GPU -----------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_philox_gpu():
     _check_kat("cuda")
     _check_words_match_reference("cuda")
@@ -245,7 +244,6 @@ def test_philox_gpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("K,mode,name,step", [(0, "sde", "fvp", 1), (3, "sde", "fve", 4), (5, "ode", "fvp", 2),
                                               (8, "sde", "fvp", 3), (3, "sde", "fvp", 9)])
 def test_em_step_gpu(K, mode, name, step):
@@ -253,7 +251,6 @@ def test_em_step_gpu(K, mode, name, step):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_em_step_gpu_cuda_graph():
     """A captured step replays with the step counter advanced on the device, no host sync."""
     K, shape = 2, (4, 3, 16, 16)
