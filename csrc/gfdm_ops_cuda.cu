@@ -263,7 +263,9 @@ __global__ void __launch_bounds__(kThreads) exp_step_kernel(float* __restrict__ 
     float zn[KC];
 #pragma unroll
     for (int rw = 0; rw < K1; ++rw) zn[rw] = r[ow + rw] * d;
-    for (int s = 0; s < nh; ++s) {
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {  // nh <= 2 (order <= 3): unrolled, so zn stays in registers
+      if (s >= nh) break;
       const float h = hist[s * N + i];
 #pragma unroll
       for (int rw = 0; rw < K1; ++rw) zn[rw] += r[oh + s * K1 + rw] * h;

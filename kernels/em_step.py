@@ -12,7 +12,7 @@ import triton.language as tl
 
 from gfdm_fast import layout as S
 
-from .launch import checked_step, pixel_launch
+from .launch import NUM_WARPS, checked_step, pixel_launch
 from .philox import philox_normal
 
 # row layout of gfdm_fast.layout, as compile-time constants
@@ -93,7 +93,7 @@ def _launch(z, e, x_in, table, step, seeds, noise):
         _em_step_kernel[grid](z, e, x_in, table, table.shape[0], step, seeds if seeds is not None else e,
                               noise if has_noise else e, N, N // z.shape[1],
                               K=K, KP=KP, HAS_NOISE=has_noise, WIDE=(K + 1) * N >= INDEX_LIMIT,
-                              BLOCK=block, num_warps=4)
+                              BLOCK=block, num_warps=NUM_WARPS)
 
 
 def em_step(z, e, x_in, table, step, seeds=None, noise=None):

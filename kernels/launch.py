@@ -16,14 +16,30 @@ def checked_step(step_ptr, steps):
     return tl.where(bad, 0, step), tl.where(bad, nan, 0.0)
 
 
-def pixel_launch(n_pixels, tile_rows, device):
+NUM_WARPS = 4                  # every pixel kernel: 128 threads per program
+THREADS = 32 * NUM_WARPS
+# Pixels per thread, by tile rows KP1, for the kernels that accumulate a (KP1, BLOCK) tile of outer
+# products while drawing one Philox normal at a time (exp_step, prior): with these, every K = 0..8 stays
+# within ~64 registers on sm_90 with no spills (benchmarks/triton_aot.py; RESULTS.md has before/after).
+TILE_PIXELS_PER_THREAD = {1: 4, 2: 2, 4: 2}
+
+
+def block_size(tile_rows, pixels_per_thread=None):
+    """Pixels per program at full size. Default: at most 16 tile elements and 4 pixels per thread
+    (ptxas sm_90 gave 72 registers for em_step at K = 3 with BLOCK 512 against 153 with BLOCK 1024);
+    a kernel whose registers grow faster (exp_step) passes its own ``pixels_per_thread``."""
+    if pixels_per_thread is None:
+        pixels_per_thread = max(1, min(4, 16 // tile_rows))
+    return THREADS * pixels_per_thread
+
+
+def pixel_launch(n_pixels, tile_rows, device, pixels_per_thread=None):
     """(BLOCK, grid, device guard) for a kernel holding ``tile_rows`` values per pixel in registers.
 
-    At most 16 tile elements per thread with 4 warps: ptxas sm_90 gave 72 registers for em_step at
-    K = 3 with BLOCK 512 against 153 with BLOCK 1024. Tiny inputs get a block no larger than needed.
+    Tiny inputs get a block no larger than needed. benchmarks/triton_aot.py compiles every kernel
+    at the full-size block and reports registers and spills.
     """
-    block = min(512, 2048 // tile_rows)
-    block = min(block, max(triton.next_power_of_2(n_pixels), 16))
+    block = min(block_size(tile_rows, pixels_per_thread), max(triton.next_power_of_2(n_pixels), 16))
     grid = (triton.cdiv(n_pixels, block),)
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     return block, grid, guard

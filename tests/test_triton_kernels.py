@@ -276,3 +276,28 @@ def test_em_step_gpu_cuda_graph():
     torch.cuda.synchronize()
     torch.testing.assert_close(z, zr, rtol=0, atol=0)
     torch.testing.assert_close(x, xr, rtol=0, atol=0)
+
+
+# ---- ahead-of-time compile for real GPUs (no GPU needed) --------------------------------------------
+def test_aot_compile_for_sm90_and_sm80_has_no_spills(tmp_path):
+    """benchmarks/triton_aot.py --subset compiles a representative set of the launched specialisations
+    (K = 0, 1, 3, 8; sde/ode; narrow offsets) for sm_90a and sm_80 with ptxas: no spills, and the tile
+    kernels (exp_step, prior) within 72 registers (the full set: run the script without --subset)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "aot.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "benchmarks/triton_aot.py", "--subset", "--arch", "90", "80", "--jobs", "2",
+                           "--json", str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["arch"] for r in rows} == {"sm_90a", "sm_80"}
+    assert {r["kernel"] for r in rows} == {"em_step", "prior", "noising", "exp_step"}
+    assert {r["K"] for r in rows if r["kernel"] == "exp_step"} >= {0, 3, 8}
+    for r in rows:
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        if r["kernel"] in ("exp_step", "prior"):
+            assert r["registers"] <= 72, r
