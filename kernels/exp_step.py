@@ -16,7 +16,7 @@ import triton.language as tl
 
 from gfdm_fast import layout
 
-from .launch import NUM_WARPS, TILE_PIXELS_PER_THREAD, checked_step, pixel_launch
+from .launch import NUM_WARPS, checked_step, pixel_launch, tile_pixels_per_thread
 from .philox import philox_normal
 
 EXP_FIXED: tl.constexpr = tl.constexpr(layout.EXP_FIXED)     # p, q, then Phi
@@ -95,14 +95,15 @@ def _launch(z, e, x_in, hist, table, step, order, seeds, noise, noisy):
     if N == 0:
         return
     KP1 = triton.next_power_of_2(K + 1)
-    block, grid, guard = pixel_launch(N, KP1, z.device, TILE_PIXELS_PER_THREAD.get(KP1, 1))
+    wide = max(K + 1, int(order) - 1) * N >= INDEX_LIMIT
+    block, grid, guard = pixel_launch(N, KP1, z.device, tile_pixels_per_thread(KP1, wide))
     has_noise = bool(noisy) and noise is not None
     with guard:
         _exp_step_kernel[grid](z, e, x_in, hist, table, table.shape[0], step,
                                seeds if (noisy and seeds is not None) else e, noise if has_noise else e,
                                N, N // z.shape[1],
                                K=K, KP1=KP1, R=int(order), NOISY=bool(noisy), HAS_NOISE=has_noise,
-                               WIDE=max(K + 1, int(order) - 1) * N >= INDEX_LIMIT, BLOCK=block, num_warps=NUM_WARPS)
+                               WIDE=wide, BLOCK=block, num_warps=NUM_WARPS)
 
 
 def exp_step(z, e, x_in, hist, table, step, order, seeds=None, noise=None, noisy=False):

@@ -24,6 +24,12 @@ THREADS = 32 * NUM_WARPS
 TILE_PIXELS_PER_THREAD = {1: 4, 2: 2, 4: 2}
 
 
+def tile_pixels_per_thread(tile_rows, wide):
+    """TILE_PIXELS_PER_THREAD, and 1 with 64-bit offsets (twice the address registers: at 2 pixels per
+    thread exp_step K = 2, 3 spilled 8 bytes on sm_80)."""
+    return 1 if wide else TILE_PIXELS_PER_THREAD.get(tile_rows, 1)
+
+
 def block_size(tile_rows, pixels_per_thread=None):
     """Pixels per program at full size. Default: at most 16 tile elements and 4 pixels per thread
     (ptxas sm_90 gave 72 registers for em_step at K = 3 with BLOCK 512 against 153 with BLOCK 1024);

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from gfdm_fast import layout
 
-from .launch import NUM_WARPS, TILE_PIXELS_PER_THREAD, pixel_launch
+from .launch import NUM_WARPS, pixel_launch, tile_pixels_per_thread
 from .philox import philox_normal
 
 STREAM_PRIOR: tl.constexpr = tl.constexpr(layout.STREAM_PRIOR)
@@ -58,12 +58,13 @@ def _launch(z, x_in, prior_vec, seeds, noise):
     if N == 0:
         return
     KP1 = triton.next_power_of_2(K + 1)
-    block, grid, guard = pixel_launch(N, KP1, z.device, TILE_PIXELS_PER_THREAD.get(KP1, 1))
+    wide = (K + 1) * N >= INDEX_LIMIT
+    block, grid, guard = pixel_launch(N, KP1, z.device, tile_pixels_per_thread(KP1, wide))
     has_noise = noise is not None
     with guard:
         _prior_kernel[grid](z, x_in, prior_vec, seeds if seeds is not None else prior_vec,
                             noise if has_noise else z, N, N // z.shape[1],
-                            K=K, KP1=KP1, HAS_NOISE=has_noise, WIDE=(K + 1) * N >= INDEX_LIMIT,
+                            K=K, KP1=KP1, HAS_NOISE=has_noise, WIDE=wide,
                             BLOCK=block, num_warps=NUM_WARPS)
 
 
