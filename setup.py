@@ -111,15 +111,17 @@ def _extensions():
         return [], {}
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     # no -std: torch's BuildExtension adds the standard its headers need (C++20 for torch 2.14);
-    # -fno-math-errno lets sqrtf vectorise in the Philox loop
-    cxx = ["-O3", "-fno-math-errno", *openmp]
+    # -fno-math-errno lets sqrtf vectorise in the Philox loop; -ffp-contract=off (C++) and --fmad=false
+    # (nvcc, no --use_fast_math) keep a * b + c two roundings on both devices, so the per-pixel math of
+    # csrc/gfdm_shared.h gives the same bits on CPU and GPU
+    cxx = ["-O3", "-fno-math-errno", "-ffp-contract=off", *openmp]
     use_cuda, why = _want_cuda(torch, CUDA_HOME)
     if use_cuda and cu:
         archs = os.environ.get("GFDM_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
         ext = CUDAExtension(
             "gfdm_fast._C", cpp + cu,
             define_macros=[("GFDM_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", *cuda_gencode(archs)]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--fmad=false", *cuda_gencode(archs)]},
             extra_link_args=openmp,
         )
     else:

@@ -122,3 +122,38 @@ def test_no_local_memory_for_specialised_kernels(cuda_build):
     for r in rows:
         if r["K"] is None or 0 <= r["K"] <= 8:
             assert r["stack"] == 0 and r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+
+
+# ---- one source of per-pixel math (no compiler needed) ---------------------------------------------
+SHARED = ROOT / "csrc" / "gfdm_shared.h"
+
+
+def _constants(text):
+    return {m.group(1): int(m.group(2), 0) for m in re.finditer(r"\b(k\w+) = (0x[0-9A-Fa-f]+|\d+)u?\b", text)}
+
+
+def test_shared_header_mirrors_layout_and_philox():
+    from gfdm_fast import layout, philox
+    c = _constants(SHARED.read_text())
+    want = {"kEmFixed": layout.EM_FIXED, "kExpFixed": layout.EXP_FIXED, "kStreamEm": layout.STREAM_EM,
+            "kStreamPrior": layout.STREAM_PRIOR, "kStreamTrain": layout.STREAM_TRAIN, "kStreamExp": layout.STREAM_EXP,
+            "kMaxKSpecialised": layout.MAX_K_SPECIALISED, "kExpCudaMaxK1": layout.EXP_CUDA_MAX_K1,
+            "kPhiloxM0": philox.PHILOX_M0, "kPhiloxM1": philox.PHILOX_M1, "kPhiloxW0": philox.PHILOX_W0,
+            "kPhiloxW1": philox.PHILOX_W1, "kPhiloxRounds": philox.PHILOX_ROUNDS}
+    assert {k: c.get(k) for k in want} == want
+
+
+@pytest.mark.parametrize("source", ["gfdm_ops.cpp", "gfdm_ops_cuda.cu"])
+def test_backends_take_the_per_pixel_math_from_the_shared_header(source):
+    """Neither the .cpp nor the .cu holds its own Philox constants, normal transform or layout."""
+    text = (ROOT / "csrc" / source).read_text()
+    assert '#include "gfdm_shared.h"' in text
+    for const in ("D2511F53", "CD9E8D57", "9E3779B9", "BB67AE85", "3f3504f3", "0.69314718055994531", "6.28318548f",
+                  "1.5707963267948966", "6227020800", "479001600"):
+        assert const.lower() not in text.lower(), f"{source} has its own copy of {const}"
+    own = re.findall(r"^\s*(?:__device__\s+)?(?:__forceinline__\s+)?(?:GFDM_INLINE\s+)?float\s+(log_pos|cos_2pi|philox_normal|"
+                     r"uniform_from_bits|em_pixel|prior_pixel|noising_pixel)\s*\(", text, re.M)
+    assert not own, f"{source} defines {own} itself"
+    assert not re.search(r"kEmFixed\s*=|kStream\w+\s*=|COL_AX\s*=|#define GFDM_SWITCH_K", text)
+    for fn in ("philox_normal(", "em_pixel<", "prior_pixel<", "noising_pixel("):
+        assert fn in text, f"{source} does not call {fn}"

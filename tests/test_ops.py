@@ -5,6 +5,8 @@ oracle may be at most twice that of the float32 torch reference, plus a floor
 of a few float32 ulps of the output's scale.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -330,3 +332,27 @@ def test_sampler_steps_make_no_host_sync(backend, solver):
             torch.cuda.set_sync_debug_mode("default")
         outs.append(z.cpu())
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+
+
+def test_cpp_avx2_noise_is_bit_equal_to_the_scalar_code(tmp_path):
+    """The AVX2 Philox path (intrinsics) and the scalar code of csrc/gfdm_shared.h (GFDM_CPU_ISA=generic,
+    what the CUDA kernels run) give the same bits on 2^20 normals."""
+    import subprocess
+    import sys
+    backend_or_skip("cpp")
+    from gfdm_fast import _C
+    if _C.cpu_isa() != "avx2":
+        pytest.skip("this CPU has no AVX2+FMA: only the scalar path exists here")
+    x0, c = torch.zeros(4, 1, 512, 512), torch.ones(4)
+    seeds = torch.tensor([0, 7, -(2 ** 61), 2 ** 40 + 3])
+    _, eps = ops.noising(x0, c, c, seeds, 123, backend="cpp")
+    code = ("import sys, torch; from gfdm_fast import ops, _C; assert _C.cpu_isa() == 'generic'\n"
+            f"_, e = ops.noising(torch.zeros(4, 1, 512, 512), torch.ones(4), torch.ones(4), torch.tensor({seeds.tolist()}),"
+            f" 123, backend='cpp'); torch.save(e, sys.argv[1])")
+    env = dict(os.environ, GFDM_CPU_ISA="generic")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "e.pt")], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    generic = torch.load(tmp_path / "e.pt")
+    diff = (generic != eps).sum().item()
+    assert diff == 0, f"{diff} of {eps.numel()} normals differ between the AVX2 and the scalar path"
