@@ -388,7 +388,7 @@ GFDM_INLINE void exp_terms(const ExpArgs& a, int K1, const Task& t, int s0, int 
   const float* __restrict e = a.e + off;
   alignas(64) float d[kExpSub];
 #pragma omp simd
-  for (int j = 0; j < len; ++j) d[j] = p * x[j] + q * e[j];  // x_in read before it is overwritten
+  for (int j = 0; j < len; ++j) d[j] = exp_data_prediction(p, q, x[j], e[j]);  // x_in read before it is overwritten
   for (int i = 0; i < K1; ++i) {
     float* __restrict ai = acc + i * kExpSub;
     const float w = wc[i];
@@ -451,21 +451,13 @@ struct ExpBody {
         for (int c = 0; c < K1; ++c) Zs[c] = Z[c] + s0;
         float* xs = xo + s0;
 #pragma omp simd
-        for (int j = 0; j < len; ++j) {
-          float zc[K1];
+        for (int j = 0; j < len; ++j) {  // the per-pixel update of csrc/gfdm_shared.h, as the CUDA kernel runs it
+          float zc[K1], v[K1];
 #pragma GCC unroll 16
-          for (int c = 0; c < K1; ++c) zc[c] = Zs[c][j];
-          float x0 = 0.0f, ay_sum = 0.0f;
+          for (int c = 0; c < K1; ++c) { zc[c] = Zs[c][j]; v[c] = acc[c * kExpSub + j]; }
+          xs[j] = exp_pixel<K1>(K1, phi, an, [&](int c) { return zc[c]; }, v);  // next input X' - alpha_next . Y'
 #pragma GCC unroll 16
-          for (int row = 0; row < K1; ++row) {
-            float v = acc[row * kExpSub + j];
-#pragma GCC unroll 16
-            for (int c = 0; c < K1; ++c) v += phi[row * K1 + c] * zc[c];
-            Zs[row][j] = v;
-            if (row == 0) x0 = v;
-            else ay_sum += an[row - 1] * v;
-          }
-          xs[j] = x0 - ay_sum;  // next network input X' - alpha_next . Y'
+          for (int row = 0; row < K1; ++row) Zs[row][j] = v[row];
         }
       }
     } else {

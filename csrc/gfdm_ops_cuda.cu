@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(kThreads) exp_step_kernel(float* __restrict__ 
   const int oP = kExpFixed, ow = oP + K1 * K1, oh = ow + K1, oL = oh + nh * K1, oa = oL + K1 * K1;
   GFDM_FOR_PIXELS(B, P) {
     const int64_t i = b * P + p;
-    const float d = r[0] * x_in[i] + r[1] * e[i];  // x_in read before it is overwritten
+    const float d = exp_data_prediction(r[0], r[1], x_in[i], e[i]);  // x_in read before it is overwritten
     float zn[KC];
 #pragma unroll
     for (int rw = 0; rw < K1; ++rw) zn[rw] = r[ow + rw] * d;
@@ -202,20 +202,12 @@ __global__ void __launch_bounds__(kThreads) exp_step_kernel(float* __restrict__ 
         for (int rw = 0; rw < K1; ++rw) zn[rw] += r[oL + rw * K1 + c] * xc;  // the full L, as the reference
       }
     }
+    // + Phi Z and the next input: the per-pixel update of csrc/gfdm_shared.h, as the CPU runs it
+    const float xin = exp_pixel<KT >= 0 ? KT + 1 : 0>(K1, r + oP, r + oa, [&](int c) { return z[c * N + i]; }, zn);
 #pragma unroll
-    for (int c = 0; c < K1; ++c) {
-      const float zc = z[c * N + i];
-#pragma unroll
-      for (int rw = 0; rw < K1; ++rw) zn[rw] += r[oP + rw * K1 + c] * zc;
-    }
-    float ay_sum = 0.0f;
-#pragma unroll
-    for (int rw = 0; rw < K1; ++rw) {
-      z[rw * N + i] = zn[rw] + poison;
-      if (rw) ay_sum += r[oa + rw - 1] * zn[rw];
-    }
+    for (int rw = 0; rw < K1; ++rw) z[rw * N + i] = zn[rw] + poison;
     if (nh > 0) hist[slot * N + i] = d + poison;
-    x_in[i] = zn[0] - ay_sum + poison;  // next network input X' - alpha_next . Y'
+    x_in[i] = xin + poison;  // next network input X' - alpha_next . Y'
   }
 }
 

@@ -221,6 +221,27 @@ GFDM_HD float prior_pixel(int k1, const float* L, const float* alpha0, Xi xi, fl
   return xin;
 }
 
+// Exponential-integrator step (gfdm_fast/expint.py row layout): the data prediction d = p x_in + q e ...
+GFDM_HD float exp_data_prediction(float p, float q, float x_in, float e) { return p * x_in + q * e; }
+
+// ... and the last stage of one pixel's step: acc holds w_cur d + sum_s w_hist[s] h_s (+ sum_c L[., c] xi_c),
+// accumulated in that order; acc[row] += Phi[row, c] Z_c for c ascending (``zc(c)`` reads Z_c, once per c),
+// so acc becomes Z'; returns x_in = X' - alpha_next . Y'. K1 > 0: compile-time size; 0: k1 at run time.
+template <int K1, class Zc>
+GFDM_HD float exp_pixel(int k1, const float* phi, const float* alpha_next, Zc zc, float* acc) {
+  const int n = K1 > 0 ? K1 : k1;
+  GFDM_UNROLL
+  for (int c = 0; c < n; ++c) {
+    const float v = zc(c);
+    GFDM_UNROLL
+    for (int row = 0; row < n; ++row) acc[row] += phi[row * n + c] * v;
+  }
+  float ay_sum = 0.0f;
+  GFDM_UNROLL
+  for (int row = 1; row < n; ++row) ay_sum += alpha_next[row - 1] * acc[row];
+  return acc[0] - ay_sum;
+}
+
 // Training input of the reduced loss: c x0 + sigma_c eps.
 GFDM_HD float noising_pixel(float mean_scale, float sigma_c, float x0, float eps) { return mean_scale * x0 + sigma_c * eps; }
 

@@ -152,8 +152,8 @@ def test_backends_take_the_per_pixel_math_from_the_shared_header(source):
                   "1.5707963267948966", "6227020800", "479001600"):
         assert const.lower() not in text.lower(), f"{source} has its own copy of {const}"
     own = re.findall(r"^\s*(?:__device__\s+)?(?:__forceinline__\s+)?(?:GFDM_INLINE\s+)?float\s+(log_pos|cos_2pi|philox_normal|"
-                     r"uniform_from_bits|em_pixel|prior_pixel|noising_pixel)\s*\(", text, re.M)
+                     r"uniform_from_bits|em_pixel|prior_pixel|noising_pixel|exp_pixel|exp_data_prediction)\s*\(", text, re.M)
     assert not own, f"{source} defines {own} itself"
     assert not re.search(r"kEmFixed\s*=|kStream\w+\s*=|COL_AX\s*=|#define GFDM_SWITCH_K", text)
-    for fn in ("philox_normal(", "em_pixel<", "prior_pixel<", "noising_pixel("):
+    for fn in ("philox_normal(", "em_pixel<", "prior_pixel<", "noising_pixel(", "exp_pixel<", "exp_data_prediction("):
         assert fn in text, f"{source} does not call {fn}"
