@@ -86,7 +86,7 @@ missing = [(d, b) for d, bs in need.items() for b in bs if ops.backend_status(d)
 assert not missing, f"backends that did not load: {missing}"
 print("backends loaded:", ", ".join(f"{d}:{b}" for d, bs in need.items() for b in bs))
 PYEOF
-stage triton_aot 0 150 env -u TRITON_INTERPRET "$PY" benchmarks/triton_aot.py --subset --arch 90 80 100 --jobs 4 \
+stage triton_aot 0 150 env -u TRITON_INTERPRET "$PY" benchmarks/triton_aot.py --subset --arch 90 80 100 --jobs "$(( MAX_JOBS < 8 ? MAX_JOBS : 8 ))" \
   --json "$DEST/triton_aot_subset.json"
 
 # --- the GPU suite and the GPU figures -----------------------------------------------------------------
@@ -95,10 +95,10 @@ IGNORE=()
 if ! "$PY" -c 'import pytorch_fid, vendi_score' 2>/dev/null; then
   IGNORE=(--ignore=tests/test_fid.py --ignore=tests/test_vendi.py --ignore=tests/test_generate.py)
 fi
-stage pytest_gpu 1 110 "$PY" -m pytest -q -x -m gpu -p no:cacheprovider "${IGNORE[@]}" tests
+stage pytest_gpu 1 100 "$PY" -m pytest -q -x -m gpu -p no:cacheprovider "${IGNORE[@]}" tests
 stage fused_step 1 45 "$PY" benchmarks/fused_step.py --device cuda --shape 1000 3 32 32 --num-aug 0 2 3 \
   --json "$DEST/fused_step_cuda.json"
-stage throughput_cifar10 1 110 "$PY" benchmarks/throughput.py --device cuda --preset cifar10 --batch 1000 \
+stage throughput_cifar10 1 90 "$PY" benchmarks/throughput.py --device cuda --preset cifar10 --batch 1000 \
   --num-aug 3 --variants official fused compiled bf16 cuda_graphs all --steps 3 --repeats 2 \
   --json "$DEST/throughput_cifar10_b1000.json"
 if [ "$GPU" = 0 ]; then   # the step benchmark itself, proven on CPU tensors
