@@ -1,8 +1,9 @@
 """Checks specific to the Triton kernels (kernels/): Philox known answers, block boundaries, K = 8, device step.
 
-The op-by-op comparison of every backend with the reference lives in test_ops.py. Here the
-interpreter (TRITON_INTERPRET=1, set by conftest) runs the kernels on CPU tensors; the
-``gpu`` tests run them natively and skip without a CUDA device.
+The op-by-op comparison of every backend with the reference lives in test_ops.py. Without a CUDA
+device the interpreter (TRITON_INTERPRET=1, set by conftest only then) runs the kernels on CPU
+tensors; the ``gpu`` tests run them compiled and skip without a CUDA device. The AOT test compiles
+them for sm_90/sm_80 here (benchmarks/triton_aot.py).
 """
 import os
 
