@@ -6,12 +6,14 @@
 // by gfdm_fast.philox:
 //   Philox4x32-10, counter (element, step, stream, component), key (seed low32, seed high32),
 //   u = ((x >> 9) * 2 + 1) 2^-24, normal = sqrt(-2 ln u0) cos(2 pi u1) in float32.
-// log and cos are written out here, branch-free series in double rounded once to float32
+// log and cos (csrc/gfdm_shared.h) are branch-free series in double rounded once to float32
 // (correctly rounded on all 2^23 uniforms Philox can produce, checked exhaustively), so the noise
 // loop vectorises (glibc's logf/cosf are scalar calls) and matches torch's float32 transform to
 // its own rounding. x86 CPUs with AVX2+FMA run an intrinsics Philox (philox_fill_avx2), others the
 // portable loop; GFDM_CPU_ISA=generic forces the portable one.
 #include <torch/extension.h>
+
+#include "gfdm_shared.h"  // layout, streams, Philox + normal, per-pixel updates: shared with the .cu
 
 #include <algorithm>
 #include <cstdint>
@@ -63,72 +65,11 @@ const char* noising_cuda_launch(const float* x0, const float* mean_scale, const 
 const char* exp_step_cuda_launch(float* z, const float* e, float* x_in, float* hist, const float* table,
                                  int64_t steps, const int64_t* step, int order, const int64_t* seeds,
                                  const float* noise, bool noisy, int64_t B, int64_t P, int K, void* stream);
-constexpr int kExpCudaMaxK1 = 64;  // the any-K exp kernel keeps K+1 values per pixel in a local array
 #endif
 
 namespace {
 
-// ---- step-table layout (gfdm_fast.schedule) and Philox streams (gfdm_fast.philox) -------------
-constexpr int kEmFixed = 6;  // a_x, cG0, c, u, nx, ny, then b(K), a_y(K), q(K), alpha_next(K)
-enum { COL_AX = 0, COL_CG0, COL_C, COL_U, COL_NX, COL_NY };
-constexpr uint32_t kStreamEm = 0, kStreamPrior = 1, kStreamTrain = 2, kStreamExp = 3;
-constexpr int kExpFixed = 2;  // gfdm_fast.expint: p, q of d = p x_in + q e, then Phi, w_cur, w_hist, L, alpha_next
-constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u, kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
 constexpr int64_t kChunk = 1024;  // pixels per task: Philox buffer stays in L1 (4 KiB)
-
-GFDM_INLINE uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
-GFDM_INLINE float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-
-// ln(u) for normal u > 0: u = 2^k m with m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(s), s = (m-1)/(m+1),
-// |s| <= 0.172, series to s^15 in double, rounded once (correctly rounded but for rare ties).
-GFDM_INLINE float log_pos(float u) {
-  uint32_t ix = f2u(u) + (0x3f800000u - 0x3f3504f3u);
-  const int k = int(ix >> 23) - 0x7f;
-  ix = (ix & 0x007fffffu) + 0x3f3504f3u;
-  const double f = double(u2f(ix)) - 1.0;
-  const double s = f / (2.0 + f), z = s * s;
-  const double lm = 2.0 * s + 2.0 * s * z * (1.0 / 3 + z * (1.0 / 5 + z * (1.0 / 7 + z * (1.0 / 9 + z * (1.0 / 11
-                    + z * (1.0 / 13 + z * (1.0 / 15)))))));
-  return float(double(k) * 0.69314718055994531 + lm);
-}
-
-// cos(2 pi u) as torch computes it: cos of the float32 product fl(2 pi) * u, u in (0, 1). Reduced and
-// evaluated in double (Taylor to r^13 on |r| <= pi/4), then rounded once: correctly rounded but for
-// rare ties; float32 Cody-Waite + Cephes polynomials missed 18% of the values by 1 ulp.
-GFDM_INLINE float cos_2pi(float u) {
-  const float x = 6.28318548f * u;                                 // in (0, 2 pi]
-  const float kf = (x * 0.636619772f + 12582912.0f) - 12582912.0f;  // nearest quadrant, 0..4
-  const int k = int(kf);
-  const double r = double(x) - double(kf) * 1.5707963267948966, z = r * r;
-  const double s = r + r * z * (-1.0 / 6 + z * (1.0 / 120 + z * (-1.0 / 5040 + z * (1.0 / 362880 + z * (-1.0 / 39916800
-                   + z * (1.0 / 6227020800.0))))));
-  const double c = 1.0 + z * (-0.5 + z * (1.0 / 24 + z * (-1.0 / 720 + z * (1.0 / 40320 + z * (-1.0 / 3628800
-                   + z * (1.0 / 479001600.0))))));
-  const float v = float((k & 1) ? s : c);
-  return ((k + 1) & 2) ? -v : v;  // quadrants 0..3: c, -s, -c, s
-}
-
-GFDM_INLINE float uniform_from_bits(uint32_t x) { return float(int32_t((x >> 9) * 2u + 1u)) * 5.9604644775390625e-08f; }
-
-// Philox4x32-10 on counter (c0, c1, c2, c3), key (k0, k1) -> the normal from output words 0 and 1.
-GFDM_INLINE float philox_normal(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
-#pragma GCC unroll 10
-  for (int r = 0; r < 10; ++r) {  // fully unrolled, else GCC sees control flow and keeps the loop scalar
-    const uint64_t p0 = uint64_t(kM0) * c0, p1 = uint64_t(kM1) * c2;
-    const uint32_t n0 = uint32_t(p1 >> 32) ^ c1 ^ k0, n2 = uint32_t(p0 >> 32) ^ c3 ^ k1;
-    c1 = uint32_t(p1);
-    c3 = uint32_t(p0);
-    c0 = n0;
-    c2 = n2;
-    k0 += kW0;  // key bump between rounds (the bump after the last round is unused)
-    k1 += kW1;
-  }
-  const float u0 = uniform_from_bits(c0), u1 = uniform_from_bits(c1);
-  return std::sqrt(-2.0f * log_pos(u0)) * cos_2pi(u1);
-}
-
-struct Key { uint32_t k0, k1; };
-GFDM_INLINE Key key_of(int64_t seed) { const uint64_t s = uint64_t(seed); return {uint32_t(s), uint32_t(s >> 32)}; }
 
 // out[j] = normal(element elem0 + j, step, stream, component) for one image's key.
 GFDM_INLINE void philox_fill(float* __restrict out, int64_t elem0, int len, uint32_t step, uint32_t stream,
@@ -151,7 +92,7 @@ GFDM_AVX2 inline void mulhilo8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
 
 GFDM_AVX2 inline __m256 uniform8(__m256i x) {
   const __m256i m = _mm256_or_si256(_mm256_slli_epi32(_mm256_srli_epi32(x, 9), 1), _mm256_set1_epi32(1));
-  return _mm256_mul_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(5.9604644775390625e-08f));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(kTwoPowM24F));
 }
 
 // log_pos on 4 lanes: f = m - 1 and k as in log_pos, the series in double.
@@ -159,16 +100,16 @@ GFDM_AVX2 inline __m128 log_half(__m128 f4, __m128i k4) {
   const __m256d f = _mm256_cvtps_pd(f4);
   const __m256d s = _mm256_div_pd(f, _mm256_add_pd(f, _mm256_set1_pd(2.0)));
   const __m256d z = _mm256_mul_pd(s, s), s2 = _mm256_add_pd(s, s);
-  __m256d p = _mm256_set1_pd(1.0 / 15);
-  for (double c : {1.0 / 13, 1.0 / 11, 1.0 / 9, 1.0 / 7, 1.0 / 5, 1.0 / 3}) p = _mm256_fmadd_pd(p, z, _mm256_set1_pd(c));
+  __m256d p = _mm256_set1_pd(log_coef(0));
+  for (int i = 1; i < kLogTerms; ++i) p = _mm256_fmadd_pd(p, z, _mm256_set1_pd(log_coef(i)));
   const __m256d lm = _mm256_fmadd_pd(_mm256_mul_pd(s2, z), p, s2);
-  return _mm256_cvtpd_ps(_mm256_fmadd_pd(_mm256_cvtepi32_pd(k4), _mm256_set1_pd(0.69314718055994531), lm));
+  return _mm256_cvtpd_ps(_mm256_fmadd_pd(_mm256_cvtepi32_pd(k4), _mm256_set1_pd(kLn2), lm));
 }
 
 GFDM_AVX2 inline __m256 log8(__m256 u) {
-  __m256i ix = _mm256_add_epi32(_mm256_castps_si256(u), _mm256_set1_epi32(0x3f800000 - 0x3f3504f3));
+  __m256i ix = _mm256_add_epi32(_mm256_castps_si256(u), _mm256_set1_epi32(int(kOneBits - kSqrtHalfBits)));
   const __m256i k = _mm256_sub_epi32(_mm256_srli_epi32(ix, 23), _mm256_set1_epi32(0x7f));
-  ix = _mm256_add_epi32(_mm256_and_si256(ix, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f3504f3));
+  ix = _mm256_add_epi32(_mm256_and_si256(ix, _mm256_set1_epi32(int(kMantissaMask))), _mm256_set1_epi32(int(kSqrtHalfBits)));
   const __m256 f = _mm256_sub_ps(_mm256_castsi256_ps(ix), _mm256_set1_ps(1.0f));
   return _mm256_set_m128(log_half(_mm256_extractf128_ps(f, 1), _mm256_extracti128_si256(k, 1)),
                          log_half(_mm256_castps256_ps128(f), _mm256_castsi256_si128(k)));
@@ -176,11 +117,11 @@ GFDM_AVX2 inline __m256 log8(__m256 u) {
 
 // cos_2pi on 4 lanes: x, the quadrant kf and k as in cos_2pi, reduction and polynomials in double.
 GFDM_AVX2 inline __m128 cos_half(__m128 x4, __m128 kf4, __m128i k4) {
-  const __m256d r = _mm256_fnmadd_pd(_mm256_cvtps_pd(kf4), _mm256_set1_pd(1.5707963267948966), _mm256_cvtps_pd(x4));
+  const __m256d r = _mm256_fnmadd_pd(_mm256_cvtps_pd(kf4), _mm256_set1_pd(kHalfPi), _mm256_cvtps_pd(x4));
   const __m256d z = _mm256_mul_pd(r, r);
-  __m256d ps = _mm256_set1_pd(1.0 / 6227020800.0), pc = _mm256_set1_pd(1.0 / 479001600.0);
-  for (double c : {-1.0 / 39916800, 1.0 / 362880, -1.0 / 5040, 1.0 / 120, -1.0 / 6}) ps = _mm256_fmadd_pd(ps, z, _mm256_set1_pd(c));
-  for (double c : {-1.0 / 3628800, 1.0 / 40320, -1.0 / 720, 1.0 / 24, -0.5}) pc = _mm256_fmadd_pd(pc, z, _mm256_set1_pd(c));
+  __m256d ps = _mm256_set1_pd(sin_coef(0)), pc = _mm256_set1_pd(cos_coef(0));
+  for (int i = 1; i < kSinTerms; ++i) ps = _mm256_fmadd_pd(ps, z, _mm256_set1_pd(sin_coef(i)));
+  for (int i = 1; i < kCosTerms; ++i) pc = _mm256_fmadd_pd(pc, z, _mm256_set1_pd(cos_coef(i)));
   const __m256d s = _mm256_fmadd_pd(_mm256_mul_pd(r, z), ps, r);
   const __m256d c = _mm256_fmadd_pd(z, pc, _mm256_set1_pd(1.0));
   const __m128i odd = _mm_cmpeq_epi32(_mm_and_si128(k4, _mm_set1_epi32(1)), _mm_set1_epi32(1));
@@ -188,8 +129,8 @@ GFDM_AVX2 inline __m128 cos_half(__m128 x4, __m128 kf4, __m128i k4) {
 }
 
 GFDM_AVX2 inline __m256 cos2pi8(__m256 u) {
-  const __m256 x = _mm256_mul_ps(_mm256_set1_ps(6.28318548f), u);
-  const __m256 kf = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.636619772f)),
+  const __m256 x = _mm256_mul_ps(_mm256_set1_ps(kTwoPiF), u);
+  const __m256 kf = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kTwoOverPiF)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256i k = _mm256_cvtps_epi32(kf);
   const __m256 v = _mm256_set_m128(
@@ -203,7 +144,7 @@ GFDM_AVX2 void philox_fill_avx2(float* __restrict out, int64_t elem0, int len, u
                                 uint32_t comp, Key key) {
   const uint32_t e0 = uint32_t(elem0);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i m0 = _mm256_set1_epi32(int(kM0)), m1 = _mm256_set1_epi32(int(kM1));
+  const __m256i m0 = _mm256_set1_epi32(int(kPhiloxM0)), m1 = _mm256_set1_epi32(int(kPhiloxM1));
   int j = 0;
   // two independent 8-lane blocks per iteration: one block's 10 rounds are a latency-bound chain
   for (; j + 16 <= len; j += 16) {
@@ -216,7 +157,7 @@ GFDM_AVX2 void philox_fill_avx2(float* __restrict out, int64_t elem0, int len, u
     }
     uint32_t k0 = key.k0, k1 = key.k1;
 #pragma GCC unroll 10
-    for (int r = 0; r < 10; ++r) {
+    for (int r = 0; r < kPhiloxRounds; ++r) {
       const __m256i kk0 = _mm256_set1_epi32(int(k0)), kk1 = _mm256_set1_epi32(int(k1));
 #pragma GCC unroll 2
       for (int v = 0; v < 2; ++v) {
@@ -228,8 +169,8 @@ GFDM_AVX2 void philox_fill_avx2(float* __restrict out, int64_t elem0, int len, u
         c2[v] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[v]), kk1);
         c3[v] = lo0;
       }
-      k0 += kW0;
-      k1 += kW1;
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
     }
 #pragma GCC unroll 2
     for (int v = 0; v < 2; ++v) {
@@ -315,38 +256,28 @@ struct EmBody {
       std::fill(xi_buf, xi_buf + t.len, 0.0f);  // ode / last step: nx = ny = 0, no Philox work
     }
     const float* r = a.row;
-    const float ax = r[COL_AX], cg0 = r[COL_CG0], c = r[COL_C], u = r[COL_U], nx = r[COL_NX], ny = r[COL_NY];
     float* __restrict X = a.z + t.off;
     const float* __restrict e = a.e + t.off;
     float* __restrict xo = a.x_in + t.off;
     const int len = t.len;
-    if constexpr (KT >= 0) {
+    if constexpr (KT >= 0) {  // the per-pixel update of csrc/gfdm_shared.h, as the CUDA kernel runs it
       constexpr int K = KT, KA = KT > 0 ? KT : 1;
-      float b[KA], ay[KA], q[KA], an[KA];
+      const EmCoef<K> co(r);
       float* Y[KA];
-      for (int k = 0; k < K; ++k) {
-        b[k] = r[kEmFixed + k]; ay[k] = r[kEmFixed + K + k];
-        q[k] = r[kEmFixed + 2 * K + k]; an[k] = r[kEmFixed + 3 * K + k];
-        Y[k] = a.z + (k + 1) * a.N + t.off;
-      }
+      for (int k = 0; k < K; ++k) Y[k] = a.z + (k + 1) * a.N + t.off;
 #pragma omp simd
       for (int j = 0; j < len; ++j) {
         float y[KA];
-        float qy = 0.0f, by = 0.0f;
-        for (int k = 0; k < K; ++k) { y[k] = Y[k][j]; qy += q[k] * y[k]; by += b[k] * y[k]; }
-        const float gs = u * e[j] - qy;                       // G . score
-        const float xn = ax * X[j] + by + cg0 * gs + nx * xi[j];
-        float ay_sum = 0.0f;
-        for (int k = 0; k < K; ++k) {
-          const float yn = ay[k] * y[k] + c * gs + ny * xi[j];
-          Y[k][j] = yn;
-          ay_sum += an[k] * yn;
-        }
+        for (int k = 0; k < K; ++k) y[k] = Y[k][j];
+        float xin;
+        const float xn = em_pixel<K>(co, X[j], e[j], xi[j], y, xin);
+        for (int k = 0; k < K; ++k) Y[k][j] = y[k];
         X[j] = xn;
-        xo[j] = xn - ay_sum;                                  // next network input X' - alpha_next . Y'
+        xo[j] = xin;                                          // next network input X' - alpha_next . Y'
       }
     } else {
       const int K = a.K;
+      const float ax = r[COL_AX], cg0 = r[COL_CG0], c = r[COL_C], u = r[COL_U], nx = r[COL_NX], ny = r[COL_NY];
       alignas(64) float gs[kChunk], xn[kChunk];
 #pragma omp simd
       for (int j = 0; j < len; ++j) gs[j] = 0.0f;
@@ -391,31 +322,18 @@ struct PriorBody {
     const Task t = task_of(a.tile, i);
     const int K = a.K, n = K + 1, len = t.len;
     std::vector<float> xi_buf(a.noise ? 0 : size_t(n) * kChunk);
-    alignas(64) float xin[kChunk];
     for (int c = 0; c < n && !a.noise; ++c)
       fill_normals<Avx2>(xi_buf.data() + c * kChunk, t.p0, len, 0, kStreamPrior, uint32_t(c), key_of(a.seeds[t.b]));
-    auto xi = [&](int c) { return a.noise ? a.noise + c * a.N + t.off : xi_buf.data() + c * kChunk; };
+    const float* xi = a.noise ? a.noise + t.off : xi_buf.data();  // component c of pixel j: xi[c * stride + j]
+    const int64_t stride = a.noise ? a.N : kChunk;
     const float* L = a.prior;            // (K+1)^2 row-major, then alpha_0 (K)
-    for (int row = 0; row < n; ++row) {
-      float* __restrict zr = a.z + row * a.N + t.off;
-      const float w = row ? -L[n * n + row - 1] : 1.0f;
-      for (int c = 0; c < n; ++c) {
-        const float l = L[row * n + c];
-        const float* __restrict x = xi(c);
-        if (c == 0) {
-#pragma omp simd
-          for (int j = 0; j < len; ++j) zr[j] = l * x[j];
-        } else {
-#pragma omp simd
-          for (int j = 0; j < len; ++j) zr[j] += l * x[j];
-        }
-      }
-#pragma omp simd
-      for (int j = 0; j < len; ++j) xin[j] = (row ? xin[j] : 0.0f) + w * zr[j];
-    }
+    float* __restrict z = a.z + t.off;
     float* __restrict xo = a.x_in + t.off;
-#pragma omp simd
-    for (int j = 0; j < len; ++j) xo[j] = xin[j];
+    std::vector<float> zr(n);
+    for (int j = 0; j < len; ++j) {      // the per-pixel draw of csrc/gfdm_shared.h (once per sample: not vectorised)
+      xo[j] = prior_pixel<0>(n, L, L + n * n, [&](int c) { return xi[c * stride + j]; }, zr.data());
+      for (int row = 0; row < n; ++row) z[row * a.N + j] = zr[row];
+    }
   }
 };
 
@@ -437,7 +355,7 @@ struct NoisingBody {
     const float* __restrict x0 = a.x0 + t.off;
     float* __restrict xo = a.x_in + t.off;
 #pragma omp simd
-    for (int j = 0; j < t.len; ++j) xo[j] = c * x0[j] + s * eo[j];
+    for (int j = 0; j < t.len; ++j) xo[j] = noising_pixel(c, s, x0[j], eo[j]);
   }
 };
 
@@ -470,7 +388,7 @@ GFDM_INLINE void exp_terms(const ExpArgs& a, int K1, const Task& t, int s0, int 
   const float* __restrict e = a.e + off;
   alignas(64) float d[kExpSub];
 #pragma omp simd
-  for (int j = 0; j < len; ++j) d[j] = p * x[j] + q * e[j];  // x_in read before it is overwritten
+  for (int j = 0; j < len; ++j) d[j] = exp_data_prediction(p, q, x[j], e[j]);  // x_in read before it is overwritten
   for (int i = 0; i < K1; ++i) {
     float* __restrict ai = acc + i * kExpSub;
     const float w = wc[i];
@@ -533,21 +451,13 @@ struct ExpBody {
         for (int c = 0; c < K1; ++c) Zs[c] = Z[c] + s0;
         float* xs = xo + s0;
 #pragma omp simd
-        for (int j = 0; j < len; ++j) {
-          float zc[K1];
+        for (int j = 0; j < len; ++j) {  // the per-pixel update of csrc/gfdm_shared.h, as the CUDA kernel runs it
+          float zc[K1], v[K1];
 #pragma GCC unroll 16
-          for (int c = 0; c < K1; ++c) zc[c] = Zs[c][j];
-          float x0 = 0.0f, ay_sum = 0.0f;
+          for (int c = 0; c < K1; ++c) { zc[c] = Zs[c][j]; v[c] = acc[c * kExpSub + j]; }
+          xs[j] = exp_pixel<K1>(K1, phi, an, [&](int c) { return zc[c]; }, v);  // next input X' - alpha_next . Y'
 #pragma GCC unroll 16
-          for (int row = 0; row < K1; ++row) {
-            float v = acc[row * kExpSub + j];
-#pragma GCC unroll 16
-            for (int c = 0; c < K1; ++c) v += phi[row * K1 + c] * zc[c];
-            Zs[row][j] = v;
-            if (row == 0) x0 = v;
-            else ay_sum += an[row - 1] * v;
-          }
-          xs[j] = x0 - ay_sum;  // next network input X' - alpha_next . Y'
+          for (int row = 0; row < K1; ++row) Zs[row][j] = v[row];
         }
       }
     } else {
@@ -601,20 +511,14 @@ template <int KT> void exp_task_base(const ExpArgs& a, int64_t i) { ExpBody<KT, 
 template <int KT> GFDM_AVX2 void exp_task_avx2(const ExpArgs& a, int64_t i) { ExpBody<KT, bool(GFDM_X86)>::run(a, i); }
 template <int KT> ExpFn exp_fn() { return cpu_has_avx2() ? &exp_task_avx2<KT> : &exp_task_base<KT>; }
 
-// K as a compile-time constant for K <= 8 (unrolled, vectorised inner loops), a generic body beyond.
+// K as a compile-time constant for K <= 8 (unrolled, vectorised inner loops), a generic body beyond:
+// the K switch of csrc/gfdm_shared.h.
 template <typename Pick> auto pick_k(int64_t K, Pick pick) {
-  switch (K) {
-    case 0: return pick(std::integral_constant<int, 0>{});
-    case 1: return pick(std::integral_constant<int, 1>{});
-    case 2: return pick(std::integral_constant<int, 2>{});
-    case 3: return pick(std::integral_constant<int, 3>{});
-    case 4: return pick(std::integral_constant<int, 4>{});
-    case 5: return pick(std::integral_constant<int, 5>{});
-    case 6: return pick(std::integral_constant<int, 6>{});
-    case 7: return pick(std::integral_constant<int, 7>{});
-    case 8: return pick(std::integral_constant<int, 8>{});
-    default: return pick(std::integral_constant<int, -1>{});
-  }
+  decltype(pick(std::integral_constant<int, 0>{})) out{};
+#define GFDM_PICK(KT) out = pick(std::integral_constant<int, KT>{})
+  GFDM_SWITCH_K(K, GFDM_PICK)
+#undef GFDM_PICK
+  return out;
 }
 
 auto prior_fn() { return cpu_has_avx2() ? &prior_task_avx2 : &prior_task_base; }

@@ -7,75 +7,20 @@
 // on its own.
 // `step` is read on the device (no host sync: a step can be captured in a CUDA graph); a step
 // outside the table cannot raise without a sync, so it writes NaN instead of reading past the table.
-// setup.py compiles with --use_fast_math: the noise math uses the __*_rn intrinsics, which that
-// flag leaves exact, and its own log/cos instead of __logf/__cosf (wrong near u = 1).
+// The per-pixel arithmetic is csrc/gfdm_shared.h's, which the CPU build runs too; setup.py compiles with
+// --fmad=false (no --use_fast_math), so nvcc contracts nothing and rounds as the CPU does.
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "gfdm_shared.h"  // layout, streams, the K switch, Philox + normal, per-pixel updates (shared with the .cpp)
+
 namespace gfdm {
 namespace {
 
-constexpr int kEmFixed = 6;  // a_x, cG0, c, u, nx, ny, then b(K), a_y(K), q(K), alpha_next(K)
-enum { COL_AX = 0, COL_CG0, COL_C, COL_U, COL_NX, COL_NY };
-constexpr uint32_t kStreamEm = 0, kStreamPrior = 1, kStreamTrain = 2, kStreamExp = 3;
-constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u, kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
 constexpr int kThreads = 256;
 
-// ln(u) for normal u > 0: u = 2^k m with m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(s), s = (m-1)/(m+1),
-// |s| <= 0.172, series to s^15 in double, rounded once (correctly rounded but for rare ties).
-__device__ __forceinline__ float log_pos(float u) {
-  uint32_t ix = __float_as_uint(u) + (0x3f800000u - 0x3f3504f3u);
-  const int k = int(ix >> 23) - 0x7f;
-  ix = (ix & 0x007fffffu) + 0x3f3504f3u;
-  const double f = double(__uint_as_float(ix)) - 1.0;
-  const double s = __ddiv_rn(f, 2.0 + f), z = s * s;
-  const double lm = 2.0 * s + 2.0 * s * z * (1.0 / 3 + z * (1.0 / 5 + z * (1.0 / 7 + z * (1.0 / 9 + z * (1.0 / 11
-                    + z * (1.0 / 13 + z * (1.0 / 15)))))));
-  return float(double(k) * 0.69314718055994531 + lm);
-}
-
-// cos(2 pi u) as torch computes it: cos of the float32 product fl(2 pi) * u, u in (0, 1). Reduced and
-// evaluated in double (Taylor to r^13 on |r| <= pi/4), then rounded once: correctly rounded but for
-// rare ties; float32 Cody-Waite + Cephes polynomials missed 18% of the values by 1 ulp.
-__device__ __forceinline__ float cos_2pi(float u) {
-  const float x = __fmul_rn(6.28318548f, u);            // in (0, 2 pi]
-  const float kf = rintf(__fmul_rn(x, 0.636619772f));  // nearest quadrant, 0..4
-  const int k = int(kf);
-  const double r = double(x) - double(kf) * 1.5707963267948966, z = r * r;
-  const double s = r + r * z * (-1.0 / 6 + z * (1.0 / 120 + z * (-1.0 / 5040 + z * (1.0 / 362880 + z * (-1.0 / 39916800
-                   + z * (1.0 / 6227020800.0))))));
-  const double c = 1.0 + z * (-0.5 + z * (1.0 / 24 + z * (-1.0 / 720 + z * (1.0 / 40320 + z * (-1.0 / 3628800
-                   + z * (1.0 / 479001600.0))))));
-  const float v = float((k & 1) ? s : c);
-  return ((k + 1) & 2) ? -v : v;  // quadrants 0..3: c, -s, -c, s
-}
-
-__device__ __forceinline__ float uniform_from_bits(uint32_t x) {
-  return float((x >> 9) * 2u + 1u) * 5.9604644775390625e-08f;
-}
-
-// Philox4x32-10 on counter (c0, c1, c2, c3), key (k0, k1) -> the normal from output words 0 and 1.
-__device__ __forceinline__ float philox_normal(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
-                                               uint32_t k1) {
-#pragma unroll
-  for (int r = 0; r < 10; ++r) {
-    if (r) { k0 += kW0; k1 += kW1; }
-    const uint32_t hi0 = __umulhi(kM0, c0), lo0 = kM0 * c0;
-    const uint32_t hi1 = __umulhi(kM1, c2), lo1 = kM1 * c2;
-    c0 = hi1 ^ c1 ^ k0;
-    c1 = lo1;
-    c2 = hi0 ^ c3 ^ k1;
-    c3 = lo0;
-  }
-  return __fmul_rn(__fsqrt_rn(-2.0f * log_pos(uniform_from_bits(c0))), cos_2pi(uniform_from_bits(c1)));
-}
-
-struct Key { uint32_t k0, k1; };
-__device__ __forceinline__ Key key_of(const int64_t* seeds, int64_t b) {
-  const uint64_t s = uint64_t(seeds[b]);
-  return {uint32_t(s), uint32_t(s >> 32)};
-}
+__device__ __forceinline__ Key key_of(const int64_t* seeds, int64_t b) { return gfdm::key_of(seeds[b]); }
 
 // Grid: x over the pixels of one image (grid-stride), y over images (grid-stride), so the Philox
 // key and element index need no division.
@@ -98,18 +43,11 @@ __global__ void __launch_bounds__(kThreads) em_step_kernel(float* __restrict__ z
   const bool bad = n < 0 || n >= steps;
   const float* __restrict__ r = table + (bad ? 0 : n) * (kEmFixed + 4 * K);
   const float poison = bad ? __int_as_float(0x7fc00000) : 0.0f;
-  const float ax = r[COL_AX], cg0 = r[COL_CG0], c = r[COL_C], u = r[COL_U], nx = r[COL_NX], ny = r[COL_NY];
+  const float nx = r[COL_NX], ny = r[COL_NY];
   const bool draw = noise == nullptr && (nx != 0.0f || ny != 0.0f);  // ode / last step: no Philox work
   const int64_t N = B * P;
   constexpr int KA = KT > 0 ? KT : 1;
-  float cb[KA], cay[KA], cq[KA], can[KA];
-  if constexpr (KT >= 0) {
-#pragma unroll
-    for (int k = 0; k < KT; ++k) {
-      cb[k] = r[kEmFixed + k]; cay[k] = r[kEmFixed + KT + k];
-      cq[k] = r[kEmFixed + 2 * KT + k]; can[k] = r[kEmFixed + 3 * KT + k];
-    }
-  }
+  const EmCoef<KT >= 0 ? KT : 0> co(r);  // K fixed: the row's coefficients once per thread
   GFDM_FOR_PIXELS(B, P) {
     const int64_t i = b * P + p;
     float xi = 0.0f;
@@ -120,22 +58,15 @@ __global__ void __launch_bounds__(kThreads) em_step_kernel(float* __restrict__ z
       xi = philox_normal(uint32_t(p), uint32_t(n), kStreamEm, 0, key.k0, key.k1);
     }
     float xn, xin;
-    if constexpr (KT >= 0) {
+    if constexpr (KT >= 0) {  // the per-pixel update of csrc/gfdm_shared.h, as the CPU runs it
       float y[KA];
-      float qy = 0.0f, by = 0.0f;
 #pragma unroll
-      for (int k = 0; k < KT; ++k) { y[k] = z[(k + 1) * N + i]; qy += cq[k] * y[k]; by += cb[k] * y[k]; }
-      const float gs = u * e[i] - qy;  // G . score
-      xn = ax * z[i] + by + cg0 * gs + nx * xi;
-      float ay_sum = 0.0f;
+      for (int k = 0; k < KT; ++k) y[k] = z[(k + 1) * N + i];
+      xn = em_pixel<KT>(co, z[i], e[i], xi, y, xin);
 #pragma unroll
-      for (int k = 0; k < KT; ++k) {
-        const float yn = cay[k] * y[k] + c * gs + ny * xi;
-        z[(k + 1) * N + i] = yn + poison;
-        ay_sum += can[k] * yn;
-      }
-      xin = xn - ay_sum;
+      for (int k = 0; k < KT; ++k) z[(k + 1) * N + i] = y[k] + poison;
     } else {
+      const float ax = r[COL_AX], cg0 = r[COL_CG0], c = r[COL_C], u = r[COL_U];
       float qy = 0.0f, by = 0.0f;
       for (int k = 0; k < K; ++k) {
         const float y = z[(k + 1) * N + i];
@@ -173,19 +104,13 @@ __global__ void __launch_bounds__(kThreads) prior_kernel(float* __restrict__ z, 
     Key key{0, 0};
     if (!noise) key = key_of(seeds, b);
     float xin = 0.0f;
-    if constexpr (KT >= 0) {
-      float xi[KT + 1];
+    if constexpr (KT >= 0) {  // the per-pixel draw of csrc/gfdm_shared.h, as the CPU runs it
+      float zr[KT + 1];
+      xin = prior_pixel<KT + 1>(KT + 1, L, alpha0, [&](int c) {
+        return noise ? noise[c * N + i] : philox_normal(uint32_t(p), 0, kStreamPrior, uint32_t(c), key.k0, key.k1);
+      }, zr);
 #pragma unroll
-      for (int c = 0; c <= KT; ++c)
-        xi[c] = noise ? noise[c * N + i] : philox_normal(uint32_t(p), 0, kStreamPrior, uint32_t(c), key.k0, key.k1);
-#pragma unroll
-      for (int row = 0; row <= KT; ++row) {
-        float zr = 0.0f;
-#pragma unroll
-        for (int c = 0; c <= KT; ++c) zr += L[row * (KT + 1) + c] * xi[c];
-        z[row * N + i] = zr;
-        xin += row ? -alpha0[row - 1] * zr : zr;
-      }
+      for (int row = 0; row <= KT; ++row) z[row * N + i] = zr[row];
     } else {
       // any K: accumulate L[:, c] xi_c into the planes, one component at a time
       for (int c = 0; c < n; ++c) {
@@ -217,7 +142,7 @@ __global__ void __launch_bounds__(kThreads) noising_kernel(const float* __restri
       ep = philox_normal(uint32_t(p), n, kStreamTrain, 0, key.k0, key.k1);
     }
     eps_out[i] = ep;
-    x_in[i] = mean_scale[b] * x0[i] + sigma_c[b] * ep;
+    x_in[i] = noising_pixel(mean_scale[b], sigma_c[b], x0[i], ep);
   }
 }
 
@@ -227,10 +152,7 @@ __global__ void __launch_bounds__(kThreads) noising_kernel(const float* __restri
 // Each row of Z' accumulates w_cur d, the history, L xi one component at a time (so only one normal
 // is live), then Phi Z column by column: Z is read in full before it is written.
 // KT >= 0: K fixed at compile time (unrolled, Z' in registers, the row staged in shared memory);
-// KT < 0: any K up to kExpMaxK1 - 1, the row read from global memory, Z' in a local array.
-constexpr int kExpFixed = 2;
-constexpr int kExpMaxK1 = 64;  // gfdm_ops.cpp checks K + 1 <= kExpCudaMaxK1 (the same bound)
-__host__ __device__ constexpr int exp_row_width(int K, int R) { return kExpFixed + 2 * (K + 1) * (K + 1) + R * (K + 1) + K; }
+// KT < 0: any K up to kExpCudaMaxK1 - 1, the row read from global memory, Z' in a local array.
 
 template <int KT>
 __global__ void __launch_bounds__(kThreads) exp_step_kernel(float* __restrict__ z, const float* __restrict__ e,
@@ -241,7 +163,7 @@ __global__ void __launch_bounds__(kThreads) exp_step_kernel(float* __restrict__ 
                                                             const float* __restrict__ noise, bool noisy, int64_t B,
                                                             int64_t P, int K_runtime) {
   const int K = KT >= 0 ? KT : K_runtime, K1 = K + 1, nh = R - 1, width = exp_row_width(K, R);
-  constexpr int KC = KT >= 0 ? KT + 1 : kExpMaxK1;
+  constexpr int KC = KT >= 0 ? KT + 1 : kExpCudaMaxK1;
   const int64_t n = *step;
   const bool bad = n < 0 || n >= steps;
   const float* __restrict__ r = table + (bad ? 0 : n) * width;
@@ -259,11 +181,13 @@ __global__ void __launch_bounds__(kThreads) exp_step_kernel(float* __restrict__ 
   const int oP = kExpFixed, ow = oP + K1 * K1, oh = ow + K1, oL = oh + nh * K1, oa = oL + K1 * K1;
   GFDM_FOR_PIXELS(B, P) {
     const int64_t i = b * P + p;
-    const float d = r[0] * x_in[i] + r[1] * e[i];  // x_in read before it is overwritten
+    const float d = exp_data_prediction(r[0], r[1], x_in[i], e[i]);  // x_in read before it is overwritten
     float zn[KC];
 #pragma unroll
     for (int rw = 0; rw < K1; ++rw) zn[rw] = r[ow + rw] * d;
-    for (int s = 0; s < nh; ++s) {
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {  // nh <= 2 (order <= 3): unrolled, so zn stays in registers
+      if (s >= nh) break;
       const float h = hist[s * N + i];
 #pragma unroll
       for (int rw = 0; rw < K1; ++rw) zn[rw] += r[oh + s * K1 + rw] * h;
@@ -278,20 +202,12 @@ __global__ void __launch_bounds__(kThreads) exp_step_kernel(float* __restrict__ 
         for (int rw = 0; rw < K1; ++rw) zn[rw] += r[oL + rw * K1 + c] * xc;  // the full L, as the reference
       }
     }
+    // + Phi Z and the next input: the per-pixel update of csrc/gfdm_shared.h, as the CPU runs it
+    const float xin = exp_pixel<KT >= 0 ? KT + 1 : 0>(K1, r + oP, r + oa, [&](int c) { return z[c * N + i]; }, zn);
 #pragma unroll
-    for (int c = 0; c < K1; ++c) {
-      const float zc = z[c * N + i];
-#pragma unroll
-      for (int rw = 0; rw < K1; ++rw) zn[rw] += r[oP + rw * K1 + c] * zc;
-    }
-    float ay_sum = 0.0f;
-#pragma unroll
-    for (int rw = 0; rw < K1; ++rw) {
-      z[rw * N + i] = zn[rw] + poison;
-      if (rw) ay_sum += r[oa + rw - 1] * zn[rw];
-    }
+    for (int rw = 0; rw < K1; ++rw) z[rw * N + i] = zn[rw] + poison;
     if (nh > 0) hist[slot * N + i] = d + poison;
-    x_in[i] = zn[0] - ay_sum + poison;  // next network input X' - alpha_next . Y'
+    x_in[i] = xin + poison;  // next network input X' - alpha_next . Y'
   }
 }
 
@@ -304,20 +220,6 @@ const char* launch_status() {
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
-
-#define GFDM_SWITCH_K(K, LAUNCH) \
-  switch (K) {                   \
-    case 0: LAUNCH(0); break;    \
-    case 1: LAUNCH(1); break;    \
-    case 2: LAUNCH(2); break;    \
-    case 3: LAUNCH(3); break;    \
-    case 4: LAUNCH(4); break;    \
-    case 5: LAUNCH(5); break;    \
-    case 6: LAUNCH(6); break;    \
-    case 7: LAUNCH(7); break;    \
-    case 8: LAUNCH(8); break;    \
-    default: LAUNCH(-1); break;  \
-  }
 
 }  // namespace
 
@@ -355,7 +257,7 @@ const char* exp_step_cuda_launch(float* z, const float* e, float* x_in, float* h
                                  int64_t steps, const int64_t* step, int order, const int64_t* seeds,
                                  const float* noise, bool noisy, int64_t B, int64_t P, int K, void* stream) {
   if (order < 1 || order > 3) return "exp_step: order must be 1, 2 or 3";
-  if (K < 0 || K + 1 > kExpMaxK1) return "exp_step: K + 1 exceeds the kernel's bound of 64 planes";
+  if (K < 0 || K + 1 > kExpCudaMaxK1) return "exp_step: K + 1 exceeds the kernel's bound of 64 planes";
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
 #define GFDM_LAUNCH_EXP(KT)                                                                                 \
   exp_step_kernel<KT><<<grid_for(B, P), kThreads, 0, s>>>(z, e, x_in, hist, table, steps, step, order, seeds, \

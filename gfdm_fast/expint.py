@@ -35,12 +35,7 @@ GRIDS = ("blend", "logsnr", "power", "uniform")
 DEFAULT_GRID, DEFAULT_ORDER = "blend", 2   # chosen on the oracle test bed (benchmarks/oracle_error.py)
 
 
-EXP_FIXED = 2   # p, q of the data prediction d = p x_in + q e
-
-
-def exp_row_width(num_aug, order):
-    k1 = num_aug + 1
-    return EXP_FIXED + 2 * k1 * k1 + order * k1 + num_aug
+from gfdm_fast.layout import EXP_FIXED, exp_offsets, exp_row_width  # noqa: F401  (the row layout's one home)
 
 
 def time_grid(dyn: Dynamics, steps, *, eps=1e-3, grid="logsnr", rho=2.0):
@@ -169,11 +164,7 @@ def build_exp_table(dyn: Dynamics, steps, *, mode="ode", order=DEFAULT_ORDER, ep
     rows = np.zeros((steps, exp_row_width(K, order)))
     st = dyn.marginal_stats(t)
     alpha = st.alpha.numpy()
-    o_P = EXP_FIXED
-    o_w = o_P + K1 * K1
-    o_h = o_w + K1
-    o_L = o_h + (R - 1) * K1
-    o_a = o_L + K1 * K1
+    o_P, o_w, o_h, o_L, o_a, _ = exp_offsets(K, R)
     for n in range(steps):
         p = min(order, n + 1)
         nodes = t[n - p + 1:n + 1][::-1]                     # t_n, t_{n-1}, ...

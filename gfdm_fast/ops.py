@@ -8,7 +8,15 @@ messages that name the fix; the backends assume checked input.
 Backends: ``torch`` (gfdm_fast.reference, always), ``cpp`` (gfdm_fast._C, CPU
 tensors), ``cuda`` (gfdm_fast._C built with nvcc, CUDA tensors), ``triton``
 (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). ``auto`` picks the
-fastest available for the device; ``GFDM_BACKEND`` overrides it.
+fastest available for the device; ``GFDM_BACKEND`` overrides it. On CUDA ``auto``
+prefers Triton over the CUDA extension until a GPU run has validated the CUDA
+kernels (benchmarks/gpu_check.sh; benchmarks/RESULTS.md says which should win).
+``backend_status(device)`` says which backends loaded and why the others did not.
+
+The step index is a 0-d int64 tensor on the state's device: a host int is checked
+against the table and becomes a view into a cached device ``arange`` (no host-to-device
+copy per step); a device index is read in-kernel, and a step outside the table makes
+the kernels write NaN (a raise would need a sync).
 """
 import importlib
 import os
@@ -16,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from gfdm_fast import layout as L
 from gfdm_fast import reference as ref
 from gfdm_fast import schedule as S
 
@@ -57,19 +66,42 @@ def _triton_runs_on(device_type):
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
-def available_backends(device="cpu", op=None):
-    """Backends that can run ops (``op``, if given) on tensors of ``device``, fastest first."""
+# 'auto' order per device type. On CUDA, Triton before the CUDA extension: the CUDA kernels have not
+# run on a GPU yet (issue 12); swap once benchmarks/gpu_check.sh has validated and timed them.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "triton", "torch")}
+
+
+def _unavailable_reason(name, dev, op=None):
+    """None if backend ``name`` runs ``op`` (any op if None) on device type ``dev``, else why not."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}"
+    if name == "cuda" and dev != "cuda":
+        return "runs on CUDA tensors only"
+    if name == "cpp" and dev != "cpu":
+        return "runs on CPU tensors only"
+    if name == "triton" and not _triton_runs_on(dev):
+        return "CPU tensors need TRITON_INTERPRET=1 (set before triton is imported)"
+    if name != "torch" and not _try_load(name):
+        return _LOAD_ERRORS[name]
+    if op is not None and op not in _IMPLS[name]:
+        return f"it has no {op} kernel"
+    return None
+
+
+def backend_status(device="cpu"):
+    """{backend: "ok" or why it cannot run on ``device``} for every backend, in 'auto' order.
+
+    The reason for a backend that failed to load is the import error (e.g. a missing extension).
+    """
     dev = torch.device(device).type
-    order = ("cuda", "triton", "torch") if dev == "cuda" else ("cpp", "triton", "torch")
-    out = []
-    for name in order:
-        if name == "cuda" and dev != "cuda" or name == "cpp" and dev != "cpu":
-            continue
-        if name == "triton" and not _triton_runs_on(dev):
-            continue
-        if (name == "torch" or _try_load(name)) and (op is None or op in _IMPLS[name]):
-            out.append(name)
-    return out
+    order = _AUTO_ORDER.get(dev, ("torch",))
+    return {name: _unavailable_reason(name, dev) or "ok" for name in (*order, *(b for b in BACKENDS if b not in order))}
+
+
+def available_backends(device="cpu", op=None):
+    """Backends that can run ops (``op``, if given) on tensors of ``device``, in 'auto' order."""
+    dev = torch.device(device).type
+    return [name for name in _AUTO_ORDER.get(dev, ("torch",)) if _unavailable_reason(name, dev, op) is None]
 
 
 def resolve_backend(backend, device, op=None):
@@ -86,9 +118,7 @@ def resolve_backend(backend, device, op=None):
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose auto or one of {', '.join(BACKENDS)}")
     if backend not in avail:
-        why = _LOAD_ERRORS.get(backend, "not available for this device")
-        if backend in _IMPLS and op is not None and op not in _IMPLS[backend]:
-            why = f"it has no {op} kernel"
+        why = _unavailable_reason(backend, torch.device(device).type, op) or "not available for this device"
         hint = {"cpp": "reinstall with `pip install --no-build-isolation -e .` to build the C++ extension",
                 "cuda": "needs a GPU and the extension built with nvcc (GFDM_FORCE_CUDA=1)",
                 "triton": "needs a CUDA device, or TRITON_INTERPRET=1 for CPU tensors"}.get(backend, "")
@@ -129,11 +159,30 @@ def _check_seeds_noise(seeds, noise, B, shape, device):
         _check_tensor("seeds", seeds, (B,), torch.int64, device)
 
 
-def _step_tensor(step, device):
+_STEP_CACHE = {}         # device -> arange(n) int64 on it: host step ints become views, not copies
+_STEP_CACHE_MAX = 1 << 16
+
+
+def _step_tensor(step, device, limit):
+    """``step`` as a 0-d int64 tensor on ``device``; a host int must lie in [0, limit).
+
+    A device tensor is used as is (its range is checked in-kernel: NaN output). A host int
+    indexes a cached device arange, so the eager step loop makes no host-to-device copy.
+    """
     if isinstance(step, torch.Tensor):
         _need(step.numel() == 1 and not step.is_floating_point(), "step must be an integer (or a 1-element integer tensor)")
         return step.reshape(()).to(device=device, dtype=torch.int64)
-    return torch.tensor(int(step), dtype=torch.int64, device=device)
+    _need(not isinstance(step, bool) and int(step) == step, f"step must be an integer, got {step!r}")
+    step = int(step)
+    _need(0 <= step < limit, f"step {step} is outside the step table ({limit} steps): pass 0 <= step < {limit}")
+    if step >= _STEP_CACHE_MAX:
+        return torch.tensor(step, dtype=torch.int64, device=device)
+    device = torch.device(device)
+    steps = _STEP_CACHE.get(device)
+    if steps is None or steps.numel() <= step:
+        steps = torch.arange(min(_STEP_CACHE_MAX, max(1024, 2 * (step + 1))), dtype=torch.int64, device=device)
+        _STEP_CACHE[device] = steps
+    return steps[step]
 
 
 # ---- registered custom ops ----------------------------------------------------------------------
@@ -195,8 +244,8 @@ def em_step(z, e, x_in, table, step, seeds=None, noise=None, *, backend="auto"):
     K, B = z.shape[0] - 1, z.shape[1]
     img = tuple(z.shape[1:])
     _need(isinstance(table, torch.Tensor) and table.dim() == 2, "table must be a (steps, 6+4K) step table")
-    _need(table.shape[1] == S.em_row_width(K),
-          f"the step table has rows of {table.shape[1]} coefficients, but z has K = {K} (rows of {S.em_row_width(K)}): "
+    _need(table.shape[1] == L.em_row_width(K),
+          f"the step table has rows of {table.shape[1]} coefficients, but z has K = {K} (rows of {L.em_row_width(K)}): "
           f"build the table from the dynamics that made z")
     _check_tensor("table", table, table.shape, z.dtype, z.device)
     _check_tensor("e", e, img, z.dtype, z.device)
@@ -206,7 +255,7 @@ def em_step(z, e, x_in, table, step, seeds=None, noise=None, *, backend="auto"):
         _need(noise.dtype == z.dtype, f"noise must be {z.dtype}, got {noise.dtype}")
     backend = resolve_backend(backend, z.device)
     _need(backend == "torch" or z.dtype == torch.float32, f"backend {backend!r} computes in float32; use backend='torch' for float64")
-    _em_step_op(z, e, x_in, table, _step_tensor(step, z.device), seeds, noise, backend)
+    _em_step_op(z, e, x_in, table, _step_tensor(step, z.device, table.shape[0]), seeds, noise, backend)
 
 
 def prior_draw(z, x_in, prior, seeds=None, noise=None, *, backend="auto"):
@@ -243,7 +292,7 @@ def noising(x0, mean_scale, sigma_c, seeds=None, step=0, eps=None, *, backend="a
     backend = resolve_backend(backend, x0.device)
     _need(backend == "torch" or x0.dtype == torch.float32, f"backend {backend!r} computes in float32; use backend='torch' for float64")
     x_in, eps_out = torch.empty_like(x0), torch.empty_like(x0)
-    _noising_op(x0, mean_scale, sigma_c, seeds, _step_tensor(step, x0.device), x_in, eps_out, eps, backend)
+    _noising_op(x0, mean_scale, sigma_c, seeds, _step_tensor(step, x0.device, 1 << 32), x_in, eps_out, eps, backend)
     return x_in, eps_out
 
 
@@ -252,7 +301,6 @@ def exp_step(z, e, x_in, hist, table, step, seeds=None, noise=None, *, order=Non
     ring ``hist`` (max(order-1, 1), B, C, H, W) in place and writes the next network input ``x_in``.
     ``noisy`` (sde) draws K+1 normals per pixel (Philox stream 3) or uses ``noise`` (K+1, B, C, H, W).
     """
-    from gfdm_fast.expint import exp_row_width
     if isinstance(table, S.StepTable):
         _need(table.solver == "exp", f"exp_step needs an exponential-integrator table, got solver {table.solver!r}")
         order = table.order if order is None else order
@@ -262,8 +310,8 @@ def exp_step(z, e, x_in, hist, table, step, seeds=None, noise=None, *, order=Non
     _check_state(z)
     K, B = z.shape[0] - 1, z.shape[1]
     img = tuple(z.shape[1:])
-    _need(isinstance(table, torch.Tensor) and table.dim() == 2 and table.shape[1] == exp_row_width(K, order),
-          f"the step table does not fit K = {K}, order = {order} (rows of {exp_row_width(K, order)}): "
+    _need(isinstance(table, torch.Tensor) and table.dim() == 2 and table.shape[1] == L.exp_row_width(K, order),
+          f"the step table does not fit K = {K}, order = {order} (rows of {L.exp_row_width(K, order)}): "
           f"build it from the dynamics that made z")
     _check_tensor("table", table, table.shape, z.dtype, z.device)
     _check_tensor("e", e, img, z.dtype, z.device)
@@ -275,4 +323,5 @@ def exp_step(z, e, x_in, hist, table, step, seeds=None, noise=None, *, order=Non
             _need(noise.dtype == z.dtype, f"noise must be {z.dtype}, got {noise.dtype}")
     backend = resolve_backend(backend, z.device, "exp_step")
     _need(backend == "torch" or z.dtype == torch.float32, f"backend {backend!r} computes in float32; use backend='torch' for float64")
-    _exp_step_op(z, e, x_in, hist, table, _step_tensor(step, z.device), int(order), seeds, noise, bool(noisy), backend)
+    _exp_step_op(z, e, x_in, hist, table, _step_tensor(step, z.device, table.shape[0]), int(order), seeds, noise,
+                 bool(noisy), backend)

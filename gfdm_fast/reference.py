@@ -7,6 +7,7 @@ oracle every fast path is tested against: clarity over speed.
 """
 import torch
 
+from gfdm_fast import layout
 from gfdm_fast.dynamics import Dynamics
 
 MODES = ("sde", "ode")
@@ -173,18 +174,17 @@ def em_step_planar(z, e, x_in, table, step, seeds=None, noise=None):
 
     ``noise`` (B, C, H, W) overrides the Philox draw (stream 0, counter step) from ``seeds`` (B,).
     """
-    from gfdm_fast import schedule as S
-    from gfdm_fast.philox import STREAM_EM, philox_normal
+    from gfdm_fast.philox import philox_normal
     K = z.shape[0] - 1
     r = _row(table, step).to(z.dtype)
     X, Y = z[0], z[1:]
-    o = S.EM_FIXED
+    o = layout.EM_FIXED
     b, a_y, q, a_next = (r[o + i * K:o + (i + 1) * K].reshape(K, 1, 1, 1, 1) for i in range(4))
-    gs = r[S.COL_U] * e - (q * Y).sum(0)
+    gs = r[layout.COL_U] * e - (q * Y).sum(0)
     if noise is None:
-        noise = philox_normal(seeds, step, STREAM_EM, X[0].numel()).reshape(X.shape).to(z.dtype)
-    Xn = r[S.COL_AX] * X + (b * Y).sum(0) + r[S.COL_CG0] * gs + r[S.COL_NX] * noise
-    Yn = a_y * Y + r[S.COL_C] * gs + r[S.COL_NY] * noise
+        noise = philox_normal(seeds, step, layout.STREAM_EM, X[0].numel()).reshape(X.shape).to(z.dtype)
+    Xn = r[layout.COL_AX] * X + (b * Y).sum(0) + r[layout.COL_CG0] * gs + r[layout.COL_NX] * noise
+    Yn = a_y * Y + r[layout.COL_C] * gs + r[layout.COL_NY] * noise
     z[0].copy_(Xn)
     z[1:].copy_(Yn)
     x_in.copy_(Xn - (a_next * Yn).sum(0))
@@ -192,14 +192,14 @@ def em_step_planar(z, e, x_in, table, step, seeds=None, noise=None):
 
 def prior_planar(z, x_in, prior, seeds=None, noise=None):
     """z_T = L xi per pixel (xi: Philox stream 1, component j for Z_j, or ``noise`` (K+1, B, C, H, W)), x_in = X - alpha_0 . Y."""
-    from gfdm_fast.philox import STREAM_PRIOR, philox_normal
+    from gfdm_fast.philox import philox_normal
     K = z.shape[0] - 1
     p = prior.to(z.dtype)
     L = p[:(K + 1) ** 2].reshape(K + 1, K + 1)
     alpha0 = p[(K + 1) ** 2:].reshape(K, 1, 1, 1, 1)
     if noise is None:
         numel = z[0, 0].numel()
-        noise = torch.stack([philox_normal(seeds, 0, STREAM_PRIOR, numel, component=j).reshape(z.shape[1:])
+        noise = torch.stack([philox_normal(seeds, 0, layout.STREAM_PRIOR, numel, component=j).reshape(z.shape[1:])
                              for j in range(K + 1)]).to(z.dtype)
     zn = torch.einsum("ij,j...->i...", L, noise)
     z.copy_(zn)
@@ -208,9 +208,9 @@ def prior_planar(z, x_in, prior, seeds=None, noise=None):
 
 def noising(x0, mean_scale, sigma_c, seeds=None, step=0, eps=None):
     """Training input ``c x0 + sigma_c eps`` and its target eps (Philox stream 2 unless ``eps`` is given)."""
-    from gfdm_fast.philox import STREAM_TRAIN, philox_normal
+    from gfdm_fast.philox import philox_normal
     if eps is None:
-        eps = philox_normal(seeds, step, STREAM_TRAIN, x0[0].numel()).reshape(x0.shape).to(x0.dtype)
+        eps = philox_normal(seeds, step, layout.STREAM_TRAIN, x0[0].numel()).reshape(x0.shape).to(x0.dtype)
     shape = (-1,) + (1,) * (x0.dim() - 1)
     return mean_scale.to(x0.dtype).reshape(shape) * x0 + sigma_c.to(x0.dtype).reshape(shape) * eps, eps
 
@@ -222,21 +222,16 @@ def exp_step_planar(z, e, x_in, hist, table, step, order, seeds=None, noise=None
     (+ L xi if noisy)``; then ``hist[step mod (order-1)] = d`` and ``x_in = X' - alpha_next . Y'``.
     ``hist`` is (max(order-1, 1), B, C, H, W); ``noise`` (K+1, B, C, H, W) overrides Philox stream 3.
     """
-    from gfdm_fast.expint import EXP_FIXED
-    from gfdm_fast.philox import STREAM_EXP, philox_normal
+    from gfdm_fast.philox import philox_normal
     K1 = z.shape[0]
     K, R = K1 - 1, int(order)
     r = _row(table, step).to(z.dtype)
-    o = EXP_FIXED
-    Phi = r[o:o + K1 * K1].reshape(K1, K1)
-    o += K1 * K1
-    w_cur = r[o:o + K1]
-    o += K1
-    w_hist = r[o:o + (R - 1) * K1].reshape(R - 1, K1)
-    o += (R - 1) * K1
-    L = r[o:o + K1 * K1].reshape(K1, K1)
-    o += K1 * K1
-    a_next = r[o:o + K].reshape(K, 1, 1, 1, 1)
+    o_phi, o_w, o_h, o_l, o_a, width = layout.exp_offsets(K, R)
+    Phi = r[o_phi:o_w].reshape(K1, K1)
+    w_cur = r[o_w:o_h]
+    w_hist = r[o_h:o_l].reshape(R - 1, K1)
+    L = r[o_l:o_a].reshape(K1, K1)
+    a_next = r[o_a:width].reshape(K, 1, 1, 1, 1)
     d = r[0] * x_in + r[1] * e
     zn = torch.einsum("ij,j...->i...", Phi, z) + w_cur.reshape(K1, 1, 1, 1, 1) * d
     for s in range(R - 1):
@@ -244,7 +239,7 @@ def exp_step_planar(z, e, x_in, hist, table, step, order, seeds=None, noise=None
     if noisy:
         if noise is None:
             numel = z[0, 0].numel()
-            noise = torch.stack([philox_normal(seeds, step, STREAM_EXP, numel, component=j).reshape(z.shape[1:])
+            noise = torch.stack([philox_normal(seeds, step, layout.STREAM_EXP, numel, component=j).reshape(z.shape[1:])
                                  for j in range(K1)]).to(z.dtype)
         zn = zn + torch.einsum("ij,j...->i...", L, noise)
     if R > 1:

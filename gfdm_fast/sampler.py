@@ -14,11 +14,11 @@ import torch
 from gfdm_fast import ops
 from gfdm_fast import schedule as S
 from gfdm_fast.dynamics import Dynamics
+from gfdm_fast.layout import STREAM_LABEL  # Philox stream of drawn labels
 from gfdm_fast.philox import MASK32, philox4x32
 
 SOLVERS = ("em", "exp")
 PRECISIONS = ("fp32", "bf16", "fp16")
-STREAM_LABEL = 4  # Philox stream of drawn labels
 
 
 def _model_device(model):

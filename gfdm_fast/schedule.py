@@ -21,13 +21,8 @@ import torch
 
 from gfdm_fast.dynamics import Dynamics
 
-EM_FIXED = 6          # a_x, cG0, c, u, nx, ny
-COL_AX, COL_CG0, COL_C, COL_U, COL_NX, COL_NY = range(EM_FIXED)
+from gfdm_fast.layout import COL_AX, COL_C, COL_CG0, COL_NX, COL_NY, COL_U, EM_FIXED, em_row_width  # noqa: F401
 MODES = ("sde", "ode")
-
-
-def em_row_width(num_aug):
-    return EM_FIXED + 4 * num_aug
 
 
 def official_grid(T, eps, steps):

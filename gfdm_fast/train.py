@@ -37,8 +37,9 @@ from gfdm_fast import data as gdata
 from gfdm_fast import ops
 from gfdm_fast.errors import UserError
 from gfdm_fast.io import atomic_save, atomic_write_file
+from gfdm_fast.layout import STREAM_TRAIN
+from gfdm_fast.philox import MASK32, philox4x32, uniform_from_bits
 from gfdm_fast.runs import FolderLock, clean_stale_temporaries, new_run_id
-from gfdm_fast.philox import MASK32, STREAM_TRAIN, philox4x32, uniform_from_bits
 
 T_MIN = 1e-5            # t ~ U(T_MIN, 1)
 TIME_WEIGHT = 999.0     # network time = 999 t

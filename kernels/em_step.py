@@ -10,13 +10,12 @@ from ``table[step]`` with ``step`` loaded on the device (no host sync: CUDA-grap
 import triton
 import triton.language as tl
 
-from gfdm_fast import philox as P
-from gfdm_fast import schedule as S
+from gfdm_fast import layout as S
 
-from .launch import pixel_launch
+from .launch import NUM_WARPS, checked_step, pixel_launch
 from .philox import philox_normal
 
-# row layout of gfdm_fast.schedule, as compile-time constants
+# row layout of gfdm_fast.layout, as compile-time constants
 EM_FIXED: tl.constexpr = tl.constexpr(S.EM_FIXED)
 COL_AX: tl.constexpr = tl.constexpr(S.COL_AX)
 COL_CG0: tl.constexpr = tl.constexpr(S.COL_CG0)
@@ -24,13 +23,13 @@ COL_C: tl.constexpr = tl.constexpr(S.COL_C)
 COL_U: tl.constexpr = tl.constexpr(S.COL_U)
 COL_NX: tl.constexpr = tl.constexpr(S.COL_NX)
 COL_NY: tl.constexpr = tl.constexpr(S.COL_NY)
-STREAM_EM: tl.constexpr = tl.constexpr(P.STREAM_EM)
+STREAM_EM: tl.constexpr = tl.constexpr(S.STREAM_EM)
 
 INDEX_LIMIT = 2 ** 31          # offsets from here on need 64-bit arithmetic (tests lower it)
 
 
 @triton.jit
-def _em_step_kernel(z_ptr, e_ptr, x_in_ptr, table_ptr, step_ptr, seeds_ptr, noise_ptr, N, CHW,
+def _em_step_kernel(z_ptr, e_ptr, x_in_ptr, table_ptr, steps, step_ptr, seeds_ptr, noise_ptr, N, CHW,
                     K: tl.constexpr, KP: tl.constexpr, HAS_NOISE: tl.constexpr, WIDE: tl.constexpr,
                     BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -39,7 +38,7 @@ def _em_step_kernel(z_ptr, e_ptr, x_in_ptr, table_ptr, step_ptr, seeds_ptr, nois
     p = pid * BLOCK + tl.arange(0, BLOCK)                  # pixel index in [0, B*C*H*W)
     mask = p < N
     plane = pid * 0 + N                                    # plane stride, in p's integer width
-    step = tl.load(step_ptr)
+    step, poison = checked_step(step_ptr, steps)        # out of range: row 0, NaN outputs
     row = table_ptr + step * (EM_FIXED + 4 * K)
     a_x = tl.load(row + COL_AX)
     cG0 = tl.load(row + COL_CG0)
@@ -72,14 +71,14 @@ def _em_step_kernel(z_ptr, e_ptr, x_in_ptr, table_ptr, step_ptr, seeds_ptr, nois
         gs = u * e - tl.sum(q[:, None] * Y, axis=0)
         Xn = a_x * X + tl.sum(b[:, None] * Y, axis=0) + cG0 * gs + nx * xi
         Yn = a_y[:, None] * Y + (c * gs)[None, :] + (ny * xi)[None, :]
-        tl.store(z_ptr + y_off, Yn, mask=y_mask)
+        tl.store(z_ptr + y_off, Yn + poison, mask=y_mask)
         x_next = Xn - tl.sum(a_next[:, None] * Yn, axis=0)
     else:
         gs = u * e
         Xn = a_x * X + cG0 * gs + nx * xi
         x_next = Xn
-    tl.store(z_ptr + p, Xn, mask=mask)
-    tl.store(x_in_ptr + p, x_next, mask=mask)
+    tl.store(z_ptr + p, Xn + poison, mask=mask)
+    tl.store(x_in_ptr + p, x_next + poison, mask=mask)
 
 
 def _launch(z, e, x_in, table, step, seeds, noise):
@@ -91,10 +90,10 @@ def _launch(z, e, x_in, table, step, seeds, noise):
     block, grid, guard = pixel_launch(N, KP, z.device)
     has_noise = noise is not None
     with guard:
-        _em_step_kernel[grid](z, e, x_in, table, step, seeds if seeds is not None else e,
+        _em_step_kernel[grid](z, e, x_in, table, table.shape[0], step, seeds if seeds is not None else e,
                               noise if has_noise else e, N, N // z.shape[1],
                               K=K, KP=KP, HAS_NOISE=has_noise, WIDE=(K + 1) * N >= INDEX_LIMIT,
-                              BLOCK=block, num_warps=4)
+                              BLOCK=block, num_warps=NUM_WARPS)
 
 
 def em_step(z, e, x_in, table, step, seeds=None, noise=None):

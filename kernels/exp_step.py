@@ -14,20 +14,19 @@ counter (element, step, 3, j), or the given ``noise`` plane j. The table row is 
 import triton
 import triton.language as tl
 
-from gfdm_fast import expint as E
-from gfdm_fast import philox as P
+from gfdm_fast import layout
 
-from .launch import pixel_launch
+from .launch import NUM_WARPS, checked_step, pixel_launch, tile_pixels_per_thread
 from .philox import philox_normal
 
-EXP_FIXED: tl.constexpr = tl.constexpr(E.EXP_FIXED)     # p, q, then Phi
-STREAM_EXP: tl.constexpr = tl.constexpr(P.STREAM_EXP)
+EXP_FIXED: tl.constexpr = tl.constexpr(layout.EXP_FIXED)     # p, q, then Phi
+STREAM_EXP: tl.constexpr = tl.constexpr(layout.STREAM_EXP)
 
 INDEX_LIMIT = 2 ** 31          # offsets from here on need 64-bit arithmetic (tests lower it)
 
 
 @triton.jit
-def _exp_step_kernel(z_ptr, e_ptr, x_in_ptr, hist_ptr, table_ptr, step_ptr, seeds_ptr, noise_ptr, N, CHW,
+def _exp_step_kernel(z_ptr, e_ptr, x_in_ptr, hist_ptr, table_ptr, steps, step_ptr, seeds_ptr, noise_ptr, N, CHW,
                      K: tl.constexpr, KP1: tl.constexpr, R: tl.constexpr, NOISY: tl.constexpr,
                      HAS_NOISE: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
     K1: tl.constexpr = K + 1
@@ -43,7 +42,7 @@ def _exp_step_kernel(z_ptr, e_ptr, x_in_ptr, hist_ptr, table_ptr, step_ptr, seed
     p = pid * BLOCK + tl.arange(0, BLOCK)                  # pixel index in [0, B*C*H*W)
     mask = p < N
     plane = pid * 0 + N                                    # plane stride, in p's integer width
-    step = tl.load(step_ptr)
+    step, poison = checked_step(step_ptr, steps)        # out of range: row 0, NaN outputs
     row = table_ptr + step * WIDTH
     j = tl.arange(0, KP1)                                  # output component
     jmask = j < K1
@@ -76,18 +75,18 @@ def _exp_step_kernel(z_ptr, e_ptr, x_in_ptr, hist_ptr, table_ptr, step_ptr, seed
         else:
             seed = tl.load(seeds_ptr + p // CHW, mask=mask, other=0)
             elem = p % CHW
-            for c in tl.static_range(K1):
+            for c in tl.range(0, K1):                      # a loop, not unrolled: one Philox chain live at a time
                 xi = philox_normal(elem, step, STREAM_EXP, c, seed)
                 L_c = tl.load(row + O_L + j * K1 + c, mask=jmask, other=0.0)
                 acc += L_c[:, None] * xi[None, :]
 
     if R > 1:                                              # d replaces the oldest evaluation
         slot = step % (R - 1)
-        tl.store(hist_ptr + plane * slot + p, d, mask=mask)
-    tl.store(z_ptr + off, acc, mask=tile_mask)
+        tl.store(hist_ptr + plane * slot + p, d + poison, mask=mask)
+    tl.store(z_ptr + off, acc + poison, mask=tile_mask)
     Xn = tl.sum(tl.where((j == 0)[:, None], acc, 0.0), axis=0)            # exact: one nonzero term
     a_next = tl.load(row + O_A + j - 1, mask=jmask & (j > 0), other=0.0)  # (0, alpha_next)
-    tl.store(x_in_ptr + p, Xn - tl.sum(a_next[:, None] * acc, axis=0), mask=mask)
+    tl.store(x_in_ptr + p, Xn - tl.sum(a_next[:, None] * acc, axis=0) + poison, mask=mask)
 
 
 def _launch(z, e, x_in, hist, table, step, order, seeds, noise, noisy):
@@ -96,14 +95,15 @@ def _launch(z, e, x_in, hist, table, step, order, seeds, noise, noisy):
     if N == 0:
         return
     KP1 = triton.next_power_of_2(K + 1)
-    block, grid, guard = pixel_launch(N, KP1, z.device)
+    wide = max(K + 1, int(order) - 1) * N >= INDEX_LIMIT
+    block, grid, guard = pixel_launch(N, KP1, z.device, tile_pixels_per_thread(KP1, wide))
     has_noise = bool(noisy) and noise is not None
     with guard:
-        _exp_step_kernel[grid](z, e, x_in, hist, table, step,
+        _exp_step_kernel[grid](z, e, x_in, hist, table, table.shape[0], step,
                                seeds if (noisy and seeds is not None) else e, noise if has_noise else e,
                                N, N // z.shape[1],
                                K=K, KP1=KP1, R=int(order), NOISY=bool(noisy), HAS_NOISE=has_noise,
-                               WIDE=max(K + 1, int(order) - 1) * N >= INDEX_LIMIT, BLOCK=block, num_warps=4)
+                               WIDE=wide, BLOCK=block, num_warps=NUM_WARPS)
 
 
 def exp_step(z, e, x_in, hist, table, step, order, seeds=None, noise=None, noisy=False):

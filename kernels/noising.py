@@ -7,12 +7,12 @@ are per image, the Philox counter is (element, step, 2, 0) with ``step`` read on
 import triton
 import triton.language as tl
 
-from gfdm_fast import philox as P
+from gfdm_fast import layout
 
-from .launch import pixel_launch
+from .launch import NUM_WARPS, pixel_launch
 from .philox import philox_normal
 
-STREAM_TRAIN: tl.constexpr = tl.constexpr(P.STREAM_TRAIN)
+STREAM_TRAIN: tl.constexpr = tl.constexpr(layout.STREAM_TRAIN)
 
 INDEX_LIMIT = 2 ** 31          # offsets from here on need 64-bit arithmetic (tests lower it)
 
@@ -47,7 +47,7 @@ def _launch(x0, mean_scale, sigma_c, seeds, step, x_in, eps_out, eps):
     with guard:
         _noising_kernel[grid](x0, mean_scale, sigma_c, seeds if seeds is not None else mean_scale, step,
                               x_in, eps_out, eps if has_eps else x0, N, N // x0.shape[0],
-                              HAS_EPS=has_eps, WIDE=N >= INDEX_LIMIT, BLOCK=block, num_warps=4)
+                              HAS_EPS=has_eps, WIDE=N >= INDEX_LIMIT, BLOCK=block, num_warps=NUM_WARPS)
 
 
 def noising(x0, mean_scale, sigma_c, seeds, step, x_in, eps_out, eps=None):

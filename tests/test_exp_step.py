@@ -10,24 +10,24 @@ import functools
 
 import pytest
 import torch
-from test_ops import assert_calibrated, backend_or_skip, device_for
+from test_ops import CUDA, assert_calibrated, backend_or_skip, device_for
 
 from gfdm_fast import make_dynamics, ops
 from gfdm_fast import reference as ref
 from gfdm_fast.expint import EXP_FIXED, build_exp_table, exp_row_width
 from gfdm_fast.philox import STREAM_EXP, philox_normal
 
-BACKENDS = ["triton", "cpp", "cuda", "torch"]
+BACKENDS = ["triton", "cpp", CUDA, "torch"]
 SHAPES = [(5, 3, 7, 9), (2, 1, 4, 4)]
 STEPS = (0, 1, 2, 5)          # with 6-step tables: the first steps (ring not yet full), ring wrap-around, the last
 
 
 def exp_backend_or_skip(name):
-    """As test_ops.backend_or_skip; cpp/cuda skip (only) while their exp_step kernel is not registered."""
+    """As test_ops.backend_or_skip, and the backend must have its exp_step kernel."""
     backend_or_skip(name)
-    if name in ("cpp", "cuda") and "exp_step" not in ops._IMPLS.get(name, {}):
-        pytest.skip(f"backend {name} has no exp_step kernel yet")
-    return device_for(name)
+    dev = device_for(name)
+    assert name in ops.available_backends(dev, "exp_step"), f"backend {name} has no exp_step kernel"
+    return dev
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,6 +5,8 @@ oracle may be at most twice that of the float32 torch reference, plus a floor
 of a few float32 ulps of the output's scale.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -16,22 +18,27 @@ from gfdm_fast.philox import STREAM_EM, STREAM_PRIOR, STREAM_TRAIN, philox_norma
 SHAPES = [(5, 3, 7, 9), (2, 1, 4, 4)]
 
 
-def backend_or_skip(name, device="cpu"):
-    """cpp and triton (interpreted) must exist on a CPU machine; cuda skips cleanly without a GPU."""
-    if name == "cuda" or device == "cuda":
-        if not torch.cuda.is_available():
-            pytest.skip("needs a CUDA device")
-    avail = ops.available_backends(device)
-    if name not in avail:
-        pytest.fail(f"backend {name} unavailable on {device}: {ops._LOAD_ERRORS.get(name)}")
-    return name
+HAS_CUDA = torch.cuda.is_available()
 
 
 def device_for(backend):
-    return "cuda" if backend == "cuda" else "cpu"
+    """cuda on CUDA tensors; triton compiled on a GPU, interpreted on CPU tensors without one."""
+    return "cuda" if backend == "cuda" or (backend == "triton" and HAS_CUDA) else "cpu"
 
 
-FAST = ["cpp", "triton", "cuda"]
+def backend_or_skip(name):
+    """cpp and triton must load on a CPU machine (a failure, not a skip); cuda carries the gpu marker."""
+    dev = device_for(name)
+    if dev == "cuda" and not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    status = ops.backend_status(dev)[name]
+    if status != "ok":
+        pytest.fail(f"backend {name} unavailable on {dev}: {status}")
+    return name
+
+
+CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
+FAST = ["cpp", "triton", CUDA]
 
 
 def assert_calibrated(out, out32, out64, what):
@@ -184,3 +191,168 @@ def test_ops_trace_under_torch_compile():
     compiled(z2, e, x2, torch.tensor(3))
     torch.testing.assert_close(z2, z1)
     torch.testing.assert_close(x2, x1)
+
+
+# ---- backends, step index -----------------------------------------------------------------------
+def test_backend_status_names_every_backend_and_why():
+    st = ops.backend_status("cpu")
+    assert set(st) == set(ops.BACKENDS)
+    assert st["torch"] == "ok" and st["cpp"] == "ok", st
+    assert st["triton"] == "ok", st                      # interpreted (conftest sets TRITON_INTERPRET without a GPU)
+    assert st["cuda"] != "ok" and "CUDA" in st["cuda"], st
+    assert [b for b, s in st.items() if s == "ok"] == ops.available_backends("cpu")
+
+
+def _exp_case(K=1, order=2, steps=4):
+    from gfdm_fast.expint import build_exp_table
+    dyn = make_dynamics("fvp", hurst=0.7, num_aug=K)
+    t = build_exp_table(dyn, steps, mode="sde", order=order, substeps=4, dtype=torch.float32)
+    shape = (2, 1, 3, 5)
+    return t, shape, torch.randn(K + 1, *shape), torch.randn(shape), torch.randn(max(order - 1, 1), *shape)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_host_step_outside_the_table_is_one_clear_error(backend):
+    t32, _ = _table(1, "sde", steps=5)
+    z, e, x, seeds = torch.zeros(2, 2, 1, 3, 5), torch.zeros(2, 1, 3, 5), torch.zeros(2, 1, 3, 5), torch.arange(2)
+    for bad in (5, -1, 2 ** 40):
+        with pytest.raises(ValueError, match=rf"step {bad} is outside the step table \(5 steps\)"):
+            ops.em_step(z, e, x, t32.table, bad, seeds, backend=backend)
+    te, shape, z, e, h = _exp_case()
+    with pytest.raises(ValueError, match=r"step 4 is outside the step table \(4 steps\)"):
+        ops.exp_step(z, e, torch.zeros(shape), h, te, 4, torch.arange(2), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("bad", [5, -1])
+def test_device_step_outside_the_table_raises_or_poisons(backend, bad):
+    """A step index read on the device cannot raise without a sync: Triton (as CUDA) writes NaN everywhere;
+    the CPU backends (torch, cpp) read it on the host and raise."""
+    t32, _ = _table(1, "sde", steps=5)
+    z, e, x, seeds = torch.randn(2, 2, 1, 3, 5), torch.randn(2, 1, 3, 5), torch.zeros(2, 1, 3, 5), torch.arange(2)
+    te, shape, ze, ee, h = _exp_case(steps=5)
+    xe = torch.randn(shape)
+    step = torch.tensor(bad)
+    if backend == "triton":
+        ops.em_step(z, e, x, t32.table, step, seeds, backend=backend)
+        assert z.isnan().all() and x.isnan().all()
+        ops.exp_step(ze, ee, xe, h, te, step, seeds, backend=backend)
+        assert ze.isnan().all() and xe.isnan().all() and h.isnan().all()
+    else:
+        with pytest.raises((RuntimeError, IndexError)):
+            ops.em_step(z, e, x, t32.table, step, seeds, backend=backend)
+        with pytest.raises((RuntimeError, IndexError)):
+            ops.exp_step(ze, ee, xe, h, te, step, seeds, backend=backend)
+
+
+def test_host_steps_are_views_of_one_device_tensor():
+    """An int step costs no host-to-device copy: it indexes a cached arange on the state's device."""
+    a, b = ops._step_tensor(3, torch.device("cpu"), 10), ops._step_tensor(7, torch.device("cpu"), 10)
+    assert a.dim() == 0 and a.dtype == torch.int64 and int(a) == 3 and int(b) == 7
+    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+# ---- custom-op contracts (CPU here; the gpu suite repeats them on CUDA) --------------------------
+def _op_samples(dev, backend):
+    """One (op, args) per registered custom op, with fresh inputs on ``dev``."""
+    t32, _ = _table(2, "sde", steps=4)
+    shape = (2, 1, 3, 5)
+    seeds = torch.arange(2, device=dev)
+    step = torch.tensor(1, device=dev)
+    te, _, ze, ee, h = _exp_case(K=2, order=3, steps=4)
+    p = torch.tensor(S.prior_vector(make_dynamics("fvp", hurst=0.7, num_aug=2), 1.0), dtype=torch.float32)
+    c = torch.rand(2, device=dev)
+    return [
+        (ops._em_step_op, (torch.randn(3, *shape, device=dev), torch.randn(shape, device=dev), torch.zeros(shape, device=dev),
+                           t32.table.to(dev), step, seeds, None, backend)),
+        (ops._prior_op, (torch.zeros(3, *shape, device=dev), torch.zeros(shape, device=dev), p.to(dev), seeds, None, backend)),
+        (ops._noising_op, (torch.randn(shape, device=dev), c, c, seeds, step, torch.zeros(shape, device=dev),
+                           torch.zeros(shape, device=dev), None, backend)),
+        (ops._exp_step_op, (ze.to(dev), ee.to(dev), torch.randn(shape, device=dev), h.to(dev), te.table.to(dev), step, 3,
+                            seeds, None, True, backend)),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["cpp", pytest.param("cuda", marks=pytest.mark.gpu),
+                                     pytest.param("triton", marks=pytest.mark.gpu)])
+def test_opcheck_every_op(backend):
+    """torch.library.opcheck: schema (declared mutations), fake tensors, autograd registration, AOT dispatch."""
+    dev = device_for(backend_or_skip(backend))
+    for op, args in _op_samples(dev, backend):
+        torch.library.opcheck(op, args)
+
+
+# ---- the GPU suite (pytest -m gpu) ----------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_inductor_compiles_a_step_through_the_custom_ops(backend):
+    """torch.compile with the default (inductor) backend over a network + fused step: no graph break,
+    the same numbers as eager."""
+    backend_or_skip(backend)
+    t32, _ = _table(2, "sde")
+    table = t32.table.cuda()
+    z0, seeds = torch.randn(3, 2, 1, 8, 8, device="cuda"), torch.arange(2, device="cuda")
+
+    def step(z, x, n):
+        e = torch.tanh(x) * 0.5
+        ops.em_step(z, e, x, table, n, seeds, backend=backend)
+        return x
+
+    z1, x1 = z0.clone(), z0[0].clone()
+    step(z1, x1, 3)
+    z2, x2 = z0.clone(), z0[0].clone()
+    torch._dynamo.reset()
+    torch.compile(step, fullgraph=True)(z2, x2, torch.tensor(3, device="cuda"))
+    torch.testing.assert_close(z2, z1, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x2, x1, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("solver", ["em", "exp"])
+def test_sampler_steps_make_no_host_sync(backend, solver):
+    """torch.cuda.set_sync_debug_mode('error') over whole eager and CUDA-graphed step loops."""
+    from gfdm_fast import Sampler
+    backend_or_skip(backend)
+    dyn = make_dynamics("fvp", hurst=0.9, num_aug=2)
+    net = lambda x, s, y: torch.tanh(x) * (0.5 + s.reshape(-1, 1, 1, 1) / 1998)  # noqa: E731
+    outs = []
+    for graphs in (False, True):
+        smp = Sampler(dyn, net, steps=6, device="cuda", backend=backend, solver=solver, cuda_graphs=graphs)
+        seeds = torch.arange(4, device="cuda")
+        z = torch.zeros(3, 4, 1, 8, 8, device="cuda")
+        x = torch.zeros(4, 1, 8, 8, device="cuda")
+        ops.prior_draw(z, x, smp.table.prior, seeds, backend=backend)
+        smp.run(z.clone(), x.clone(), seeds=seeds)   # Triton's compile and the graph capture: outside the check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            smp.run(z, x, seeds=seeds)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        outs.append(z.cpu())
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+
+
+def test_cpp_avx2_noise_is_bit_equal_to_the_scalar_code(tmp_path):
+    """The AVX2 Philox path (intrinsics) and the scalar code of csrc/gfdm_shared.h (GFDM_CPU_ISA=generic,
+    what the CUDA kernels run) give the same bits on 2^20 normals."""
+    import subprocess
+    import sys
+    backend_or_skip("cpp")
+    from gfdm_fast import _C
+    if _C.cpu_isa() != "avx2":
+        pytest.skip("this CPU has no AVX2+FMA: only the scalar path exists here")
+    x0, c = torch.zeros(4, 1, 512, 512), torch.ones(4)
+    seeds = torch.tensor([0, 7, -(2 ** 61), 2 ** 40 + 3])
+    _, eps = ops.noising(x0, c, c, seeds, 123, backend="cpp")
+    code = ("import sys, torch; from gfdm_fast import ops, _C; assert _C.cpu_isa() == 'generic'\n"
+            f"_, e = ops.noising(torch.zeros(4, 1, 512, 512), torch.ones(4), torch.ones(4), torch.tensor({seeds.tolist()}),"
+            f" 123, backend='cpp'); torch.save(e, sys.argv[1])")
+    env = dict(os.environ, GFDM_CPU_ISA="generic")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "e.pt")], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    generic = torch.load(tmp_path / "e.pt")
+    diff = (generic != eps).sum().item()
+    assert diff == 0, f"{diff} of {eps.numel()} normals differ between the AVX2 and the scalar path"

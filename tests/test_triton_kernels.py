@@ -1,8 +1,9 @@
 """Checks specific to the Triton kernels (kernels/): Philox known answers, block boundaries, K = 8, device step.
 
-The op-by-op comparison of every backend with the reference lives in test_ops.py. Here the
-interpreter (TRITON_INTERPRET=1, set by conftest) runs the kernels on CPU tensors; the
-``gpu`` tests run them natively and skip without a CUDA device.
+The op-by-op comparison of every backend with the reference lives in test_ops.py. Without a CUDA
+device the interpreter (TRITON_INTERPRET=1, set by conftest only then) runs the kernels on CPU
+tensors; the ``gpu`` tests run them compiled and skip without a CUDA device. The AOT test compiles
+them for sm_90/sm_80 here (benchmarks/triton_aot.py).
 """
 import os
 
@@ -237,7 +238,6 @@ def test_64bit_offsets_give_the_same_result(monkeypatch):
 
 # ---- native GPU -----------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_philox_gpu():
     _check_kat("cuda")
     _check_words_match_reference("cuda")
@@ -245,7 +245,6 @@ def test_philox_gpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("K,mode,name,step", [(0, "sde", "fvp", 1), (3, "sde", "fve", 4), (5, "ode", "fvp", 2),
                                               (8, "sde", "fvp", 3), (3, "sde", "fvp", 9)])
 def test_em_step_gpu(K, mode, name, step):
@@ -253,7 +252,6 @@ def test_em_step_gpu(K, mode, name, step):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_em_step_gpu_cuda_graph():
     """A captured step replays with the step counter advanced on the device, no host sync."""
     K, shape = 2, (4, 3, 16, 16)
@@ -279,3 +277,28 @@ def test_em_step_gpu_cuda_graph():
     torch.cuda.synchronize()
     torch.testing.assert_close(z, zr, rtol=0, atol=0)
     torch.testing.assert_close(x, xr, rtol=0, atol=0)
+
+
+# ---- ahead-of-time compile for real GPUs (no GPU needed) --------------------------------------------
+def test_aot_compile_for_sm90_and_sm80_has_no_spills(tmp_path):
+    """benchmarks/triton_aot.py --subset compiles a representative set of the launched specialisations
+    (K = 0, 1, 3, 8; sde/ode; narrow offsets) for sm_90a and sm_80 with ptxas: no spills, and the tile
+    kernels (exp_step, prior) within 72 registers (the full set: run the script without --subset)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "aot.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "benchmarks/triton_aot.py", "--subset", "--arch", "90", "80", "--jobs", "2",
+                           "--json", str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["arch"] for r in rows} == {"sm_90a", "sm_80"}
+    assert {r["kernel"] for r in rows} == {"em_step", "prior", "noising", "exp_step"}
+    assert {r["K"] for r in rows if r["kernel"] == "exp_step"} >= {0, 3, 8}
+    for r in rows:
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        if r["kernel"] in ("exp_step", "prior"):
+            assert r["registers"] <= 72, r
