@@ -90,7 +90,10 @@ def main():
     p.add_argument("--lr", type=float, default=None, help="default: the mnist_cpu recipe's")
     p.add_argument("--batch-size", type=int, default=None, help="default: the mnist_cpu recipe's")
     p.add_argument("--n", type=int, default=1000, help="samples per row, n/10 per class (default 1000)")
-    p.add_argument("--em-steps", type=int, default=1000, help="Euler-Maruyama steps (default 1000)")
+    p.add_argument("--em-steps", type=int, default=1000, help="Euler-Maruyama steps (default 1000; 0 skips EM)")
+    p.add_argument("--em-n", type=int, default=None, help="EM samples (default --n): EM costs em-steps NFE each")
+    p.add_argument("--exp-nfe", default=",".join(map(str, EXP_NFE)),
+                   help=f"exponential-integrator NFEs (default {','.join(map(str, EXP_NFE))}; empty skips)")
     p.add_argument("--dynamics", default=",".join(DYNAMICS), help=f"rows to run (default {','.join(DYNAMICS)})")
     p.add_argument("--mode", default="sde", choices=("sde", "ode"), help="EM mode (default sde); exp runs ode")
     p.add_argument("--out", default=os.path.join(HERE, "real_data"))
@@ -107,8 +110,8 @@ def main():
     args.batch_size = args.batch_size or CPU_RECIPE["batch_size"]
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.n < 10 or args.n % 10:
-        p.error("--n must be a positive multiple of 10 (n/10 samples per class)")
+    if args.n < 10 or args.n % 10 or (args.em_n is not None and (args.em_n < 10 or args.em_n % 10)):
+        p.error("--n and --em-n must be positive multiples of 10 (n/10 samples per class)")
     os.makedirs(args.out, exist_ok=True)
 
     if args.train_only:
@@ -118,10 +121,11 @@ def main():
     judge = load_judge("mnist5k", progress=True)
     held, _ = unit_images(load_dataset("mnist5k", split="test"))
     train_x, train_y = unit_images(load_dataset("mnist5k", split="train"))
-    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(1))[:args.n]
-    rows = [{"row": "real (train split)", "dynamics": "-", "sampler": "-", "nfe": 0, "seconds": 0.0,
-             **judge_report(judge, train_x[pick], train_y[pick], held)}]
-    labels = torch.arange(10).repeat_interleave(args.n // 10)
+    rows = []
+    for n in sorted({args.n, args.em_n or args.n}):   # the real-vs-real baseline at each sample count used
+        pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(1))[:n]
+        rows.append({"row": f"real (train split, n={n})", "dynamics": "-", "sampler": "-", "nfe": 0,
+                     "seconds": 0.0, **judge_report(judge, train_x[pick], train_y[pick], held)})
     result = {"device": str(args.device or "cpu"), "cpu": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "args": vars(args),
               "date": time.strftime("%Y-%m-%d"), "training": {}, "rows": rows}
@@ -130,31 +134,34 @@ def main():
             p.error(f"unknown dynamics {name}; choose from {', '.join(DYNAMICS)}")
         net, dyn, record = trained(name, args)
         result["training"][name] = record
-        samplers = [(f"exp{k}", dict(solver="exp", steps=k, mode="ode")) for k in EXP_NFE]
-        samplers.append(("em", dict(solver="em", steps=args.em_steps, mode=args.mode)))
-        for tag, kw in samplers:
+        samplers = [(f"exp{k}", dict(solver="exp", steps=int(k), mode="ode"), args.n)
+                    for k in args.exp_nfe.split(",") if k]
+        if args.em_steps:
+            samplers.append(("em", dict(solver="em", steps=args.em_steps, mode=args.mode), args.em_n or args.n))
+        for tag, kw, n in samplers:
             s = Sampler(dyn, net, progress=args.progress, **kw)
+            lab = torch.arange(10).repeat_interleave(n // 10)
             t0 = time.perf_counter()
-            x = s.sample(args.n, (1, 28, 28), seed=args.seed + 10 ** 6, labels=labels, batch_size=500)
+            x = s.sample(n, (1, 28, 28), seed=args.seed + 10 ** 6, labels=lab, batch_size=500)
             sec = time.perf_counter() - t0
             if not bool(torch.isfinite(x).all()):
                 raise SystemExit(f"{name} {tag}: non-finite samples; the network or the sampler diverged")
             row_name = f"{name}_{tag}" if tag != "em" else f"{name}_em{args.em_steps}"
-            save_grid(x[:: max(1, args.n // 100)][:100], os.path.join(args.out, f"grid_{row_name}.png"), nrow=10)
+            save_grid(x[:: max(1, n // 100)][:100], os.path.join(args.out, f"grid_{row_name}.png"), nrow=10)
             if tag in HEADLINE:
                 np.savez_compressed(os.path.join(args.out, f"{row_name}.npz"), images=to_uint8_nhwc(x),
-                                    labels=labels.numpy())
+                                    labels=lab.numpy())
             rows.append({"row": row_name, "dynamics": name, "sampler": f"{kw['solver']} {kw['mode']}",
-                         "nfe": s.nfe, "seconds": sec, **judge_report(judge, (x.clamp(-1, 1) + 1) / 2, labels, held)})
+                         "nfe": s.nfe, "seconds": sec, **judge_report(judge, (x.clamp(-1, 1) + 1) / 2, lab, held)})
             print(f"{row_name}: {rows[-1]}", flush=True)
     with open(os.path.join(args.out, "real_data.json"), "w") as f:
         json.dump(result, f, indent=1)
-    base = rows[0]["judge_fd"]
-    print(f"\n| row | sampler | NFE | class consistency | judge FD | FD / real | VS_p | s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    base = {r["n"]: r["judge_fd"] for r in rows if r["nfe"] == 0}
+    print("\n| row | sampler | NFE | n | class consistency | judge FD | FD / real (same n) | VS_p | s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['row']} | {r['sampler']} | {r['nfe']} | {r['class_consistency']:.3f} | {r['judge_fd']:.2f} | "
-              f"{r['judge_fd'] / base:.1f} | {r['vs_p']:.2f} | {r['seconds']:.0f} |")
+        print(f"| {r['row']} | {r['sampler']} | {r['nfe']} | {r['n']} | {r['class_consistency']:.3f} | {r['judge_fd']:.2f} | "
+              f"{r['judge_fd'] / base[r['n']]:.1f} | {r['vs_p']:.2f} | {r['seconds']:.0f} |")
     for name, rec in result["training"].items():
         print(f"training {name}: {rec['steps']} steps in {rec['minutes']:.1f} min, final loss {rec['final_loss']}")
 
