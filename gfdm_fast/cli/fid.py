@@ -93,8 +93,9 @@ def run(args):
         from gfdm_fast.metrics.judge import FEATURE_DIMS
         dims = FEATURE_DIMS
     loaded = {p: load_stats(p) for p, images in zip(args.path, sources) if images is None}
+    computes = any(images is not None for images in sources)
     for path, (mu, _) in loaded.items():          # before any feature pass: a mismatch costs nothing
-        if mu.shape != (dims,):
+        if computes and mu.shape != (dims,):
             raise UserError(f"{path} holds {mu.shape[0]}-dim statistics but the features are {dims}-dim; "
                             "use the extractor that wrote it (--dims / --features)")
     model, extractor = None, None
