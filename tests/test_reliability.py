@@ -240,14 +240,15 @@ def test_official_recipe_breakdown_is_one_message():
 def test_read_only_output_folder_is_one_message(trained_run, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
-    (tmp_path / "ro_stats.npz").write_bytes(b"")
     ro.chmod(0o555)
     try:
         cases = [(*TRAIN, "--train_steps", "2", "--output_dir", ro / "runs"),
                  (*GEN, "--output_dir", trained_run / "runs", "--n_samples", "2", "--out", ro / "out"),
                  ("demo", "--out", ro / "demo", "--minutes", "0.01", "--steps", "1", "--num_samples", "2",
                   "--sample_steps", "2", "--progress", "False", "--threads", "1"),
-                 ("bench", "--device", "cpu", "--json", ro / "bench.json")]
+                 ("bench", "--device", "cpu", "--json", ro / "bench.json"),
+                 ("fid", "--save-stats", tmp_path / "imgs.npz", ro / "stats.npz")]
+        np.savez(tmp_path / "imgs.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
         for argv in cases:
             rc, _, err = cli(*argv, drop_write=True)
             assert rc == 2 and "cannot write" in err and len(err.strip().splitlines()) == 1, (argv, err)

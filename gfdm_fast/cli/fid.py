@@ -6,6 +6,7 @@ with --data_dir, train split). ``--save-stats SRC OUT.npz`` writes SRC's
 statistics in pytorch-fid's format.
 """
 import os
+import tempfile
 
 from gfdm_fast.errors import UserError
 
@@ -82,6 +83,8 @@ def run(args):
             raise UserError(f"--save-stats output {out} exists; remove it or choose another name")
         if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
             raise UserError(f"--save-stats output folder {os.path.dirname(os.path.abspath(out))} does not exist")
+        with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(out))):
+            pass                                  # a read-only folder fails now, not after the feature pass
         if is_stats_file(src):
             raise UserError(f"{src} is already a statistics file")
     judge_data = _judge_data(args.features)
