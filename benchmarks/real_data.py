@@ -28,11 +28,12 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from gfdm_fast.data import load_dataset                     # noqa: E402
-from gfdm_fast.metrics.judge import judge_report, load_judge, unit_images   # noqa: E402
-from gfdm_fast.models.presets import PRESETS                  # noqa: E402
-from gfdm_fast.sampler import Sampler                         # noqa: E402
-from gfdm_fast.train import TrainConfig, save_grid, train     # noqa: E402
+from gfdm_fast.data import load_dataset  # noqa: E402
+from gfdm_fast.io import save_grid  # noqa: E402
+from gfdm_fast.metrics.judge import judge_report, load_judge, unit_images  # noqa: E402
+from gfdm_fast.models.presets import PRESETS  # noqa: E402
+from gfdm_fast.sampler import Sampler  # noqa: E402
+from gfdm_fast.train import TrainConfig, train  # noqa: E402
 
 DYNAMICS = {   # row name -> TrainConfig dynamics fields
     "fvp_h0.9_k3": dict(dynamics="fvp", hurst=0.9, num_aug=3),

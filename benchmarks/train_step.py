@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from gfdm_fast import make_dynamics, ops, reference
+from gfdm_fast.loss import TIME_WEIGHT, draw_times, sample_seeds
 from gfdm_fast.models import autocast, build_model, compile_model, preset, set_sdpa
-from gfdm_fast.train import TIME_WEIGHT, draw_times, sample_seeds
 
 
 def _sync(device):

@@ -248,8 +248,7 @@ def measure(network: Network, K, sizes: Sizes, details=None):
     network (a fixed output tensor), i.e. the step's own work, timed over many calls. ``1 + overhead_s /
     forward_s`` is a second reading of step_over_forward that the load noise of a forward does not swamp.
     """
-    from gfdm_fast import Sampler
-    from gfdm_fast import ops
+    from gfdm_fast import Sampler, ops
     from gfdm_fast import reference as ref
     from gfdm_fast.models import autocast
 

@@ -138,6 +138,37 @@ class ImageFiles(torch.utils.data.Dataset):
         return x, (self.labels[i] if self.labels is not None else -1)
 
 
+# ----------------------------------------------------------------------------- the training stream
+
+class MicroBatches(torch.utils.data.Sampler):
+    """Index lists of this rank's micro-batches ``m = j * world + rank``, j = start, start + 1, ...
+
+    Micro-batch ``m`` is slice ``m mod per_epoch`` of the permutation of epoch
+    ``m // per_epoch`` (seeded by seed and epoch); the last partial batch is dropped.
+    """
+
+    def __init__(self, n, batch_size, seed, *, world=1, rank=0, start=0):
+        self.n, self.b, self.seed, self.world, self.rank, self.start = n, batch_size, seed, world, rank, start
+        self.per_epoch = n // batch_size
+        self._perm_epoch, self._perm = None, None
+
+    def indices(self, m):
+        epoch, k = divmod(m, self.per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
+        return self._perm[k * self.b:(k + 1) * self.b].tolist()
+
+    def __iter__(self):
+        j = self.start
+        while True:
+            yield self.indices(j * self.world + self.rank)
+            j += 1
+
+    def __len__(self):  # infinite stream; DataLoader only needs it for len()
+        return 2 ** 62
+
+
 # ----------------------------------------------------------------------------- registry
 
 def register_dataset(name, loader):

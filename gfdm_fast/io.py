@@ -1,7 +1,10 @@
-"""File output that never leaves half a file: one atomic-write helper for every writer."""
+"""File output: one atomic-write helper for every writer, the uint8 conversion, the one image grid."""
 import contextlib
+import math
 import os
 import secrets
+
+import numpy as np
 
 
 def temporary_name(path: str) -> str:
@@ -40,3 +43,40 @@ def atomic_save(obj, path: str) -> str:
     """``torch.save(obj)`` through ``atomic_write``."""
     import torch
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def to_uint8(images):
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8: (x + 1) / 2 clipped to [0, 1], rounded to 255 levels."""
+    import torch
+    u = ((images.float() + 1) / 2).clamp(0, 1).mul(255).add(0.5).floor()
+    return u.to("cpu", torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def image_grid(images, nrow=None, pad=2, background=0, min_size=1):
+    """(N, H, W, C) uint8 -> one grid image (rows, cols, C) with ``pad`` pixels between tiles.
+
+    ``nrow`` tiles per row (default: a square grid); tiles smaller than ``min_size`` are enlarged by
+    pixel repetition so that small images stay visible.
+    """
+    images = np.asarray(images)
+    n, h, w, c = images.shape
+    scale = max(1, math.ceil(min_size / h))
+    if scale > 1:
+        images = images.repeat(scale, 1).repeat(scale, 2)
+        h, w = h * scale, w * scale
+    cols = min(nrow or math.ceil(math.sqrt(n)), n)
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), background, np.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[i]
+    return grid
+
+
+def save_grid(images, path, nrow=8):
+    """PNG grid of images in [-1, 1] (B, C, H, W); small images are enlarged (nearest) to >= 32 px."""
+    from PIL import Image
+    grid = image_grid(to_uint8(images.detach()), nrow=nrow, background=255, min_size=32)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    return path

@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from gfdm_fast import make_dynamics
-from gfdm_fast.cli import generate as G
+from gfdm_fast import make_dynamics, sinks
 from gfdm_fast.cli import main
 from gfdm_fast.metrics import fid as F
 from gfdm_fast.models import build_model, config_from_flags
-from gfdm_fast.runs import LOCK_FILE
+from gfdm_fast.runs import LOCK_FILE, RUN_META
 from gfdm_fast.sampler import Sampler, draw_labels
 
 RUN = "7_mnist_H0.7_K2"              # {run_id}_{data_name}_H{hurst}_K{num_aug}
@@ -166,7 +165,7 @@ def test_gfdm_run_json_gives_config_and_recipe(runs, nets):
     meta = {"format": "gfdm-fast-run", "version": 1, "model": nets[0].to_dict(), "recipe": "exact",
             "time_weight": 999.0, "seed": 3,      # as gfdm-fast train writes it
             "dynamics": {"name": "fvp", "hurst": 0.7, "num_aug": 2, "gamma_max": 20.0, "norm": True, "T": 1.0}}
-    (run / G.RUN_META).write_text(json.dumps(meta))
+    (run / RUN_META).write_text(json.dumps(meta))
     # no network flags: the recorded config is used
     rc, _, err = generate("--output_dir", runs, "--data_name", "mnist", "--run_id", 8, "--hurst", 0.7,
                           "--num_aug", 2, "--steps", STEPS, "--device", "cpu", "--progress", "False",
@@ -196,8 +195,8 @@ def test_interrupted_official_run_leaves_nothing(runs, monkeypatch):
             raise KeyboardInterrupt
         return original(self, chunk, images, labels)
 
-    original = G.OfficialSink.add
-    monkeypatch.setattr(G.OfficialSink, "add", add)
+    original = sinks.OfficialSink.add
+    monkeypatch.setattr(sinks.OfficialSink, "add", add)
     rc, _, err = generate("--output_dir", runs, *FLAGS, *NET_FLAGS, "--n_samples", N, "--batch_size", 3)
     assert rc == 130 and "interrupted" in err
     assert tree(runs) == before
@@ -232,7 +231,7 @@ def test_out_shards_hold_the_quantised_samples(full_out, reference):
     diff = np.abs(images.astype(int) - quantised(reference[0]).astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01                     # rounding at a level boundary at most
     np.testing.assert_array_equal(labels, reference[1].astype(np.int64))
-    assert sorted(os.listdir(full_out)) == sorted(names + [G.MANIFEST, LOCK_FILE])   # the lock file stays
+    assert sorted(os.listdir(full_out)) == sorted(names + [sinks.MANIFEST, LOCK_FILE])   # the lock file stays
 
 
 def test_resume_interrupted_out_run(runs, full_out, monkeypatch):
@@ -248,7 +247,7 @@ def test_resume_interrupted_out_run(runs, full_out, monkeypatch):
 
     # an interruption while sampling the rest: one more shard lands, no temp file stays
     writes = []
-    original = G.ShardSink._write
+    original = sinks.ShardSink._write
 
     def write(self, k, images, labels):
         if writes:
@@ -256,11 +255,11 @@ def test_resume_interrupted_out_run(runs, full_out, monkeypatch):
         writes.append(k)
         return original(self, k, images, labels)
 
-    monkeypatch.setattr(G.ShardSink, "_write", write)
+    monkeypatch.setattr(sinks.ShardSink, "_write", write)
     rc, _, err = generate(*args)
     assert rc == 130
     monkeypatch.undo()
-    assert sorted(os.listdir(out)) == sorted([G.MANIFEST, LOCK_FILE, first.name, "samples_000004-000008.npz"])
+    assert sorted(os.listdir(out)) == sorted([sinks.MANIFEST, LOCK_FILE, first.name, "samples_000004-000008.npz"])
     second = out / "samples_000004-000008.npz"
     stamp2 = second.stat().st_mtime_ns
 
@@ -411,7 +410,7 @@ def _engine_run(runs, nets, dynamics):
     run = runs / "9_mnist_H0.7_K2"
     shutil.copytree(runs / RUN, run)
     meta = {"config": nets[0].to_dict(), "recipe": "exact", "dynamics": dynamics}
-    (run / G.RUN_META).write_text(json.dumps(meta))
+    (run / RUN_META).write_text(json.dumps(meta))
     return ["--output_dir", runs, "--data_name", "mnist", "--run_id", 9, "--hurst", 0.7, "--num_aug", 2]
 
 

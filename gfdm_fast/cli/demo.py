@@ -67,8 +67,9 @@ def run(args):
     import torch
 
     from gfdm_fast.data import load_dataset
+    from gfdm_fast.io import save_grid
     from gfdm_fast.sampler import Sampler
-    from gfdm_fast.train import TrainConfig, save_grid, train
+    from gfdm_fast.train import TrainConfig, train
 
     if args.image_size not in (8, 16, 32):
         raise UserError(f"--image_size must be 8, 16 or 32, got {args.image_size}")
