@@ -7,7 +7,7 @@ import importlib
 
 _WHERE = {
     "FIDAccumulator": "fid", "compute_statistics": "fid", "fid_from_stats": "fid", "load_inception": "fid",
-    "load_stats": "fid", "open_images": "fid", "save_stats": "fid",
+    "load_stats": "fid", "open_images": "images", "save_stats": "fid",
     "VendiAccumulator": "vendi", "pixel_vendi_score": "vendi",
 }
 __all__ = sorted(_WHERE)
