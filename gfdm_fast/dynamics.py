@@ -65,25 +65,6 @@ def _phi1(x):
     return np.where(small, 1.0 + x / 2, np.expm1(safe) / safe)
 
 
-def _official_weights(num_aug, hurst, gamma_max, T):
-    """gamma and omega exactly as the official code computes them (float32 torch)."""
-    f32 = torch.float32
-    if num_aug == 1:
-        gamma = torch.ones(1, dtype=f32)
-    else:
-        r = torch.tensor(gamma_max, dtype=f32) ** (2.0 / (num_aug - 1))
-        k = torch.arange(1, num_aug + 1, dtype=f32)
-        gamma = r ** (k - (num_aug + 1) / 2)
-    H = torch.tensor(hurst, dtype=f32)
-    Tt = torch.tensor([T], dtype=f32)
-    s = gamma[None, :] + gamma[:, None]
-    A = (Tt + (torch.exp(-s * Tt) - 1) / s) / s
-    b = (Tt / gamma ** (H + 0.5) * torch.special.gammainc(H + 0.5, gamma * Tt)
-         - (H + 0.5) / gamma ** (H + 1.5) * torch.special.gammainc(H + 1.5, gamma * Tt))
-    omega = torch.linalg.solve(A, b)
-    return gamma.double().numpy(), omega.numpy()  # omega kept float32
-
-
 class Dynamics:
     """A GFDM forward process; all public methods take times in [0, T] and return float64 tensors."""
 
@@ -103,7 +84,7 @@ class Dynamics:
         if K == 0:
             gamma, omega = np.zeros(0), np.ones(0)
         elif recipe == "official":
-            gamma, omega32 = _official_weights(K, self.hurst, self.gamma_max, self.T)
+            gamma, omega32 = mafbm.official_weights(K, self.hurst, self.gamma_max, self.T)
             omega = omega32.astype(np.float64)
         else:
             gamma = mafbm.gamma_grid(K, self.gamma_max)

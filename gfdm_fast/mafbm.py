@@ -3,7 +3,8 @@
 K Ornstein-Uhlenbeck processes ``dY_k = -gamma_k Y_k dt + dB`` driven by one
 Brownian motion; ``sum_k omega_k Y_k`` approximates the Riemann-Liouville
 (type-II) fBM ``B_H(t) = Gamma(H+1/2)^-1 int_0^t (t-s)^(H-1/2) dB_s``
-(Daems et al. 2023; Nobis et al. 2024, Sec. 3). Everything here is float64 numpy.
+(Daems et al. 2023; Nobis et al. 2024, Sec. 3). Everything here is float64 numpy, except
+``official_weights``: the official code's float32 torch solve (the `official` recipe).
 """
 import math
 
@@ -98,3 +99,24 @@ def mafbm_variance(t, gamma, omega):
     t = np.asarray(t, np.float64)[..., None, None]
     s = g[:, None] + g[None, :]
     return np.einsum("i,...ij,j->...", w, -np.expm1(-s * t) / s, w)
+
+
+def official_weights(num_aug, hurst, gamma_max, T):
+    """gamma and omega exactly as the official code computes them (float32 torch: the official recipe)."""
+    import torch
+
+    f32 = torch.float32
+    if num_aug == 1:
+        gamma = torch.ones(1, dtype=f32)
+    else:
+        r = torch.tensor(gamma_max, dtype=f32) ** (2.0 / (num_aug - 1))
+        k = torch.arange(1, num_aug + 1, dtype=f32)
+        gamma = r ** (k - (num_aug + 1) / 2)
+    H = torch.tensor(hurst, dtype=f32)
+    Tt = torch.tensor([T], dtype=f32)
+    s = gamma[None, :] + gamma[:, None]
+    A = (Tt + (torch.exp(-s * Tt) - 1) / s) / s
+    b = (Tt / gamma ** (H + 0.5) * torch.special.gammainc(H + 0.5, gamma * Tt)
+         - (H + 0.5) / gamma ** (H + 1.5) * torch.special.gammainc(H + 1.5, gamma * Tt))
+    omega = torch.linalg.solve(A, b)
+    return gamma.double().numpy(), omega.numpy()  # omega kept float32
