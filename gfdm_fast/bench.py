@@ -208,20 +208,6 @@ class PeakMemory:
         return False
 
 
-def _graphed(fn, device):
-    """``fn`` captured in a CUDA graph (warmed up on a side stream first); returns the replay."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 # ---- one row ---------------------------------------------------------------------------------------
 class Network:
     """The network of one (preset, variant), built (and compiled) once and shared by every K."""
@@ -251,6 +237,7 @@ def measure(network: Network, K, sizes: Sizes, details=None):
     from gfdm_fast import Sampler, ops
     from gfdm_fast import reference as ref
     from gfdm_fast.models import autocast
+    from gfdm_fast.models.fast import capture_cuda_graph
 
     device, sw, B, S = network.device, network.sw, sizes.batch, sizes.steps
     C, H, W = network.image_shape
@@ -311,7 +298,7 @@ def measure(network: Network, K, sizes: Sizes, details=None):
                 with autocast(device.type, sw.precision):
                     network.fn(x_fwd, s, labels)
             if sw.cuda_graphs:
-                forward = _graphed(forward, device)
+                forward = capture_cuda_graph(forward).replay
         with PeakMemory(device) as mem:
             fwd_s, run_s, ratio = interleaved(forward, run, device, steps=S, repeats=sizes.repeats,
                                               warmup=sizes.warmup, before_run=before_run)

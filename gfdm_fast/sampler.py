@@ -210,17 +210,14 @@ class Sampler:
             bufs["z"].copy_(z), bufs["x_in"].copy_(x_in), bufs["seeds"].copy_(seeds)
             if labels is not None:
                 bufs["labels"].copy_(labels)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the capture, on scratch copies
-                for _ in range(2):
-                    zz, xx = bufs["z"].clone(), bufs["x_in"].clone()
-                    hh = None if bufs["hist"] is None else bufs["hist"].clone()
-                    self._step(zz, xx, hh, bufs["n"], bufs["labels"], bufs["seeds"])
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._step(bufs["z"], bufs["x_in"], bufs["hist"], bufs["n"], bufs["labels"], bufs["seeds"])
+            from gfdm_fast.models.fast import capture_cuda_graph
+
+            def scratch_step():   # the warm-up runs on copies: the captured buffers keep the run's state
+                hh = None if bufs["hist"] is None else bufs["hist"].clone()
+                self._step(bufs["z"].clone(), bufs["x_in"].clone(), hh, bufs["n"], bufs["labels"], bufs["seeds"])
+            graph = capture_cuda_graph(
+                lambda: self._step(bufs["z"], bufs["x_in"], bufs["hist"], bufs["n"], bufs["labels"], bufs["seeds"]),
+                warmup=scratch_step)
             self._graphs[key] = (graph, bufs)
         graph, bufs = self._graphs[key]
         bufs["z"].copy_(z), bufs["x_in"].copy_(x_in), bufs["seeds"].copy_(seeds)

@@ -6,6 +6,8 @@
   attention softmax stay float32 inside the network.
 * ``compile_model(model, mode)``: ``torch.compile`` plus a warm-up, so no
   timing ever includes compilation.
+* ``capture_cuda_graph(fn, warmup)``: ``fn`` (a network call, or a whole sampler step) captured in a
+  CUDA graph after a warm-up on a side stream; the sampler and the benchmark both capture through it.
 
 ``GFDM_COMPILE=0`` disables compilation (``compile_model`` returns the eager
 model), ``GFDM_SDPA=0`` keeps the legacy attention in ``optimize``.
@@ -84,3 +86,19 @@ def optimize(model, *, sdpa=True, channels_last=False):
     if channels_last:
         to_channels_last(model)
     return model
+
+
+def capture_cuda_graph(fn, warmup=None, *, warmup_calls=2):
+    """A ``torch.cuda.CUDAGraph`` of ``fn()``; ``warmup`` (default ``fn``) runs ``warmup_calls`` times first
+    on a side stream, so lazy initialisation and autotuning stay out of the capture."""
+    warmup = warmup or fn
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup_calls):
+            warmup()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
