@@ -120,45 +120,21 @@ class Sampler:
             raise ValueError(f"the {solver} step table of {dyn!r} has non-finite coefficients ({', '.join(bad)}); "
                              "these dynamics cannot be sampled (with the official recipe, try recipe='exact')")
         _check_model(model, self.device)
+        from gfdm_fast.models.fast import FastNetwork
+        self.network = FastNetwork(model, self.device, precision=precision, compile=compile,
+                                   compile_mode=compile_mode, channels_last=channels_last)
         self.precision, self.cuda_graphs, self.channels_last = precision, cuda_graphs, channels_last
         self.num_classes, self.progress = num_classes, progress
-        self._compile, self._compile_mode = compile, compile_mode
-        self._net_fn = model
-        self._compiled_for = None
         self._graphs = {}
 
     @property
     def nfe(self):
         return self.steps + int(self.denoise)
 
-    # -- the network --------------------------------------------------------------------------------
-    def _forward(self, x, s, labels):
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.precision == "fp32":
-            out = self._net_fn(x, s, labels)
-        else:
-            from gfdm_fast.models.fast import autocast
-            with autocast(self.device.type, self.precision):
-                out = self._net_fn(x, s, labels)
-        return out.to(torch.float32).contiguous()
-
-    def _prepare_network(self, x_in, labels):
-        """Compile once per batch shape, warming up outside any timing."""
-        if not self._compile or self._compiled_for == tuple(x_in.shape):
-            return
-        from gfdm_fast.models.fast import compile_model
-        if self._compiled_for is None:
-            self._net_fn = compile_model(self.model, mode=self._compile_mode)
-        s = self.table.s[:1].expand(x_in.shape[0])
-        for _ in range(2):
-            self._forward(x_in.clone(), s, labels)
-        self._compiled_for = tuple(x_in.shape)
-
     def _step(self, z, x_in, hist, n, labels, seeds, noise=None):
         s = self.table.s.index_select(0, n.reshape(1)).expand(x_in.shape[0]) if torch.is_tensor(n) \
             else self.table.s[n].expand(x_in.shape[0])
-        e = self._forward(x_in, s, labels)
+        e = self.network(x_in, s, labels)
         if self.solver == "em":
             ops.em_step(z, e, x_in, self.table, n, seeds, noise, backend=self.backend)
         else:
@@ -174,7 +150,7 @@ class Sampler:
         if not self.denoise:
             return z[0]
         inv_c, sig_over_c, s_eps = self._denoise
-        e = self._forward(x_in, torch.full((x_in.shape[0],), s_eps, device=x_in.device), labels)
+        e = self.network(x_in, torch.full((x_in.shape[0],), s_eps, device=x_in.device), labels)
         return inv_c * x_in - sig_over_c * e
 
     # -- loops --------------------------------------------------------------------------------------
@@ -186,7 +162,7 @@ class Sampler:
         the Philox draw from ``seeds`` (exp solver: (steps, K+1, B, C, H, W), one draw per step).
         Returns ``z`` (updated in place).
         """
-        self._prepare_network(x_in, labels)
+        self.network.prepare(x_in, self.table.s[:1].expand(x_in.shape[0]), labels)
         if self.cuda_graphs and noise is None:
             return self._run_graph(z, x_in, labels, seeds, progress)
         hist = self._new_hist(x_in)

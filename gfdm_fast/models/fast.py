@@ -6,6 +6,8 @@
   attention softmax stay float32 inside the network.
 * ``compile_model(model, mode)``: ``torch.compile`` plus a warm-up, so no
   timing ever includes compilation.
+* ``FastNetwork(model, ...)``: the network as the sampler calls it, with the chosen fast paths
+  (precision, compile, channels_last); float32 out whatever runs inside.
 * ``capture_cuda_graph(fn, warmup)``: ``fn`` (a network call, or a whole sampler step) captured in a
   CUDA graph after a warm-up on a side stream; the sampler and the benchmark both capture through it.
 
@@ -102,3 +104,33 @@ def capture_cuda_graph(fn, warmup=None, *, warmup_calls=2):
     with torch.cuda.graph(graph):
         fn()
     return graph
+
+
+class FastNetwork:
+    """``model(x, s, y)`` behind the fast paths a sampler asks for; the solver never sees which are on."""
+
+    def __init__(self, model, device, *, precision="fp32", compile=False, compile_mode=None, channels_last=False):
+        self.model, self.device = model, device
+        self.precision, self.compile, self.compile_mode, self.channels_last = precision, compile, compile_mode, channels_last
+        self._fn = model
+        self._compiled_for = None
+
+    def __call__(self, x, s, labels=None):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.precision == "fp32":
+            out = self._fn(x, s, labels)
+        else:
+            with autocast(self.device.type, self.precision):
+                out = self._fn(x, s, labels)
+        return out.to(torch.float32).contiguous()
+
+    def prepare(self, x, s, labels=None):
+        """Compile once per batch shape, warming up outside any timing (nothing without ``compile``)."""
+        if not self.compile or self._compiled_for == tuple(x.shape):
+            return
+        if self._compiled_for is None:
+            self._fn = compile_model(self.model, mode=self.compile_mode)
+        for _ in range(2):
+            self(x.clone(), s, labels)
+        self._compiled_for = tuple(x.shape)
