@@ -4,7 +4,7 @@
 ``F = [[mu, -g omega_1 gamma_1, ..], [0, -gamma_1, ..], ..]`` and
 ``G = (g sum(omega), 1, .., 1)``; ``Z_t | x0 ~ N((c(t) x0, 0), Sigma(t))``.
 
-Two coefficient recipes (DESIGN.md Sec. 1):
+Two coefficient recipes (docs/design.md 'Coefficient recipes'):
 * ``exact``: float64 throughout; the FVP X-row of Sigma by nested Gauss-Legendre
   quadrature of the variation-of-constants formula (accurate to ~1e-12, shown
   against a DOP853 solve at rtol 1e-13 in tests), FVE in closed form.
@@ -161,7 +161,7 @@ class Dynamics:
         raise NotImplementedError
 
     def _var0(self):
-        """Var X at t = 0 (FVE carries s0^2, DESIGN.md)."""
+        """Var X at t = 0 (FVE carries s0^2, docs/design.md 'Forward dynamics')."""
         return 0.0
 
     def _terminal_scale(self, var_T):
@@ -207,7 +207,7 @@ class Dynamics:
         return torch.from_numpy(self._cov(_as_t(t, self.T)))
 
     def marginal_stats(self, t):
-        """Regularised statistics (DESIGN.md 'Conditional statistics'), vectorised over t."""
+        """Regularised statistics (docs/design.md 'Conditional statistics'), vectorised over t."""
         t = _as_t(t, self.T)
         uniq, inverse = np.unique(t, return_inverse=True)
         if uniq.size < t.size:  # e.g. one time per batch element, all equal

@@ -7,8 +7,8 @@ THE definition every backend implements bit-for-bit in its integer part:
 * output words (x0, x1) -> u_i = ((x_i >> 9) * 2 + 1) * 2^-24, exact in float32, in (0, 1)
 * normal  = sqrt(-2 ln u_0) * cos(2 pi u_1)  (float32)
 
-Streams: 0 = Euler-Maruyama step noise, 1 = prior draw, 2 = training noise,
-3 = exponential-integrator step noise. A sample therefore depends on its seed
+Streams (numbered in gfdm_fast.layout; docs/design.md 'Noise contract'): 0 = Euler-Maruyama step noise,
+1 = prior draw, 2 = training noise and times, 3 = exponential-integrator step noise, 4 = class labels. A sample therefore depends on its seed
 only: not on the batch it is in, the backend, or the number of processes.
 """
 import math

@@ -50,7 +50,7 @@ def prior_sample(dyn: Dynamics, shape, generator=None, *, dtype=torch.float32, d
 
 
 def training_pair(dyn: Dynamics, x0, t, *, form="reduced", generator=None, z=None, eps=None):
-    """Network input and target of augmented score matching (DESIGN.md 'Training').
+    """Network input and target of augmented score matching (docs/design.md 'Training loss').
 
     ``form="joint"``: the official draw ``(xi, eta) ~ N(0, Sreg(t))`` per pixel
     (or the given ``z`` in the official layout), input ``c x0 + xi - alpha.eta``,
@@ -88,7 +88,7 @@ def training_pair(dyn: Dynamics, x0, t, *, form="reduced", generator=None, z=Non
 
 
 def augmented_score(model, dyn: Dynamics, z, t, labels=None, time_weight=999.0):
-    """Score of the regularised Gaussian from an epsilon network (DESIGN.md 'Score').
+    """Score of the regularised Gaussian from an epsilon network (docs/design.md 'Score of the augmented state').
 
     ``e = model(X - alpha.Y, time_weight t, labels)``, ``s_x = -e / sigma_c``,
     ``score = (s_x, -alpha s_x) + (0, -Sreg_yy^-1 Y)``.
@@ -122,7 +122,7 @@ def time_grid(dyn: Dynamics, steps, eps=1e-3):
 
 
 def sample_em(model, dyn: Dynamics, z_T, noise, *, steps, eps=1e-3, mode="sde", labels=None, time_weight=999.0):
-    """The official reverse Euler-Maruyama loop (DESIGN.md 'Reverse sampling').
+    """The official reverse Euler-Maruyama loop (docs/design.md 'Reverse sampling: Euler-Maruyama').
 
     Step n at t_n: ``drift = F Z - m G (G . score)`` (m = 1 sde, 1/2 ode),
     ``Z <- Z - drift dt + G sqrt(dt) noise[:, n+1]`` with no noise on the last

@@ -4,7 +4,7 @@ One contiguous float32 device tensor per (dynamics, grid, mode): the sampling
 loop does no host sync, no solve and no scipy call, so a whole step can be
 captured in a CUDA graph.
 
-Euler-Maruyama row n (DESIGN.md 'Reverse sampling'), per pixel with network output e:
+Euler-Maruyama row n (docs/design.md 'Reverse sampling: Euler-Maruyama'), per pixel with network output e:
     gs = u e - q . Y                                  # G . score, with s_x = -e / sigma_c
     X' = a_x X + b . Y + cG0 gs + nx xi
     Y' = a_y * Y + c gs + ny xi
