@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gfdm_fast import bench  # noqa: E402
+from gfdm_fast import bench
 
 SAMPLES, STEPS = 50_000, 1000
 

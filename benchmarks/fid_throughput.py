@@ -29,11 +29,11 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import pytorch_fid  # noqa: E402
-from pytorch_fid import fid_score as pfid  # noqa: E402
-from pytorch_fid import inception as pfid_inception  # noqa: E402
+import pytorch_fid
+from pytorch_fid import fid_score as pfid
+from pytorch_fid import inception as pfid_inception
 
-from gfdm_fast.metrics import fid as F  # noqa: E402
+from gfdm_fast.metrics import fid as F
 
 
 def random_fid_weights(path, seed=0):

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gfdm_fast import Sampler, make_dynamics  # noqa: E402
-from gfdm_fast.oracle import GaussianMixture, MixtureOracle, w1  # noqa: E402
+from gfdm_fast import Sampler, make_dynamics
+from gfdm_fast.oracle import GaussianMixture, MixtureOracle, w1
 
 DYNAMICS = [  # label, name, hurst, K
     ("FVP H0.9 K2", "fvp", 0.9, 2),

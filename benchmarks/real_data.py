@@ -25,14 +25,15 @@ import time
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gfdm_fast.data import load_dataset                     # noqa: E402
-from gfdm_fast.metrics.judge import judge_report, load_judge, unit_images   # noqa: E402
-from gfdm_fast.models.presets import PRESETS                  # noqa: E402
-from gfdm_fast.sampler import Sampler                         # noqa: E402
-from gfdm_fast.train import TrainConfig, save_grid, train     # noqa: E402
+from gfdm_fast.data import load_dataset
+from gfdm_fast.metrics.judge import judge_report, load_judge, unit_images
+from gfdm_fast.models.presets import PRESETS
+from gfdm_fast.sampler import Sampler
+from gfdm_fast.train import TrainConfig, save_grid, train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 DYNAMICS = {   # row name -> TrainConfig dynamics fields
     "fvp_h0.9_k3": dict(dynamics="fvp", hurst=0.9, num_aug=3),

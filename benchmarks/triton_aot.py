@@ -23,11 +23,11 @@ from pathlib import Path
 os.environ["TRITON_INTERPRET"] = "0"          # compile, never interpret (must precede the triton import)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from gfdm_fast.layout import MAX_K_SPECIALISED  # noqa: E402
+from gfdm_fast.layout import MAX_K_SPECIALISED
 
 POINTERS_I64 = {"step_ptr", "seeds_ptr"}
 SCALARS = {"steps", "N", "CHW"}
@@ -124,7 +124,7 @@ def known_archs(wanted):
             from triton.backends.nvidia.compiler import CUDABackend
             CUDABackend(GPUTarget("cuda", arch, 32))
             out.append(arch)
-        except Exception as err:  # noqa: BLE001 - report, don't fail
+        except Exception as err:  # report, don't fail
             print(f"triton {triton.__version__} cannot target sm_{arch}: {err}", file=sys.stderr)
     return out
 

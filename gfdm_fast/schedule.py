@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from gfdm_fast.dynamics import Dynamics
+from gfdm_fast.layout import COL_AX, COL_C, COL_CG0, COL_NX, COL_NY, COL_U, EM_FIXED, em_row_width
 
-from gfdm_fast.layout import COL_AX, COL_C, COL_CG0, COL_NX, COL_NY, COL_U, EM_FIXED, em_row_width  # noqa: F401
 MODES = ("sde", "ode")
 
 

@@ -1,5 +1,5 @@
 """Shared test fixtures: where the official test vectors live, the stand-in network, device switches."""
-import os  # noqa: I001
+import os
 from pathlib import Path
 
 import numpy as np

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import load_official
 from scipy.integrate import solve_ivp
 
-from conftest import load_official
 from gfdm_fast import make_dynamics
 from gfdm_fast.dynamics import FVE_SIGMA, FVP_BETA, tight_xrow
 

@@ -3,9 +3,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import fixtures_dir
 from scipy import integrate
 
-from conftest import fixtures_dir
 from gfdm_fast import mafbm
 
 RECORDS = json.loads((fixtures_dir() / "mafbm_weights.json").read_text())

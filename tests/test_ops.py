@@ -13,7 +13,8 @@ import torch
 from gfdm_fast import make_dynamics, ops
 from gfdm_fast import reference as ref
 from gfdm_fast import schedule as S
-from gfdm_fast.philox import STREAM_EM, STREAM_PRIOR, STREAM_TRAIN, philox_normal
+from gfdm_fast.layout import STREAM_EM, STREAM_PRIOR, STREAM_TRAIN
+from gfdm_fast.philox import philox_normal
 
 SHAPES = [(5, 3, 7, 9), (2, 1, 4, 4)]
 
@@ -315,7 +316,8 @@ def test_sampler_steps_make_no_host_sync(backend, solver):
     from gfdm_fast import Sampler
     backend_or_skip(backend)
     dyn = make_dynamics("fvp", hurst=0.9, num_aug=2)
-    net = lambda x, s, y: torch.tanh(x) * (0.5 + s.reshape(-1, 1, 1, 1) / 1998)  # noqa: E731
+    def net(x, s, y):
+        return torch.tanh(x) * (0.5 + s.reshape(-1, 1, 1, 1) / 1998)
     outs = []
     for graphs in (False, True):
         smp = Sampler(dyn, net, steps=6, device="cuda", backend=backend, solver=solver, cuda_graphs=graphs)

@@ -1,8 +1,8 @@
 """The pure-PyTorch reference against the official fixtures, and its own invariants."""
 import pytest
 import torch
-
 from conftest import load_official, standin_net
+
 from gfdm_fast import make_dynamics
 from gfdm_fast import reference as ref
 
@@ -26,7 +26,8 @@ def _rel(a, b):
 def test_official_recipe_reproduces_score_and_trajectories(fname, dtype):
     d = load_official(fname)
     dyn = _dyn(d)
-    T = lambda k: torch.from_numpy(d[k]).to(dtype)
+    def T(k):
+        return torch.from_numpy(d[k]).to(dtype)
     score = ref.augmented_score(standin_net, dyn, T("score_z"), T("score_t"))
     assert _rel(score, d["score"]) < 1e-4
     for mode in ("sde", "ode"):
@@ -40,7 +41,8 @@ def test_official_recipe_reproduces_score_and_trajectories(fname, dtype):
 def test_official_recipe_reproduces_training_pair(fname):
     d = load_official(fname)
     dyn = _dyn(d)
-    T = lambda k: torch.from_numpy(d[k])
+    def T(k):
+        return torch.from_numpy(d[k])
     x_in, target = ref.training_pair(dyn, T("train_x0"), T("train_t"), form="joint", z=T("train_z"))
     assert _rel(x_in, d["train_input"]) < 1e-5
     assert _rel(target, d["train_target"]) < 2e-4   # target divides by sigma_c (~1e-4 in the README)
@@ -51,7 +53,8 @@ def test_exact_recipe_close_to_official_trajectories(fname, tol):
     """The recipes differ by up to 7% in sigma_c at H = 0.9, K = 3; trajectories move by ~1e-2 there."""
     d = load_official(fname)
     dyn = _dyn(d, "exact")
-    T = lambda k: torch.from_numpy(d[k]).double()
+    def T(k):
+        return torch.from_numpy(d[k]).double()
     for mode in ("sde", "ode"):
         out = ref.sample_em(standin_net, dyn, T(f"traj_{mode}_zT"), T(f"traj_{mode}_noise"),
                             steps=int(d["traj_steps"]), eps=float(d["traj_eps"]), mode=mode)

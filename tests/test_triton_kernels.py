@@ -13,10 +13,11 @@ import torch
 from gfdm_fast import make_dynamics, ops
 from gfdm_fast import reference as ref
 from gfdm_fast import schedule as S
-from gfdm_fast.philox import STREAM_EM, STREAM_PRIOR, STREAM_TRAIN, philox4x32, philox_normal
+from gfdm_fast.layout import STREAM_EM, STREAM_PRIOR, STREAM_TRAIN
+from gfdm_fast.philox import philox4x32, philox_normal
 
 triton = pytest.importorskip("triton")
-import triton.language as tl  # noqa: E402
+import triton.language as tl  # noqa: E402 (after the skip: triton is optional)
 
 from gfdm_fast.kernels import philox as kphilox  # noqa: E402
 

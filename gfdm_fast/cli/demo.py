@@ -91,7 +91,7 @@ def run(args):
     t0 = time.perf_counter()
     res = train(cfg)
     t_train = time.perf_counter() - t0
-    first, last = res.losses[0][1], np.mean([l for _, l in res.losses[-3:]])
+    first, last = res.losses[0][1], np.mean([loss for _, loss in res.losses[-3:]])
     print(f"trained {res.step} steps in {t_train / 60:.1f} min (loss {first:.3f} -> {last:.3f}); "
           f"run folder {res.run_dir}")
 
