@@ -88,7 +88,8 @@ def _cuda_home_from_nvcc():
     candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
     candidates.append("/usr/local/cuda")
     for root in candidates:
-        if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")) and os.path.exists(os.path.join(root, "bin", "nvcc")):
+        has_headers = os.path.exists(os.path.join(root, "include", "cuda_runtime.h"))
+        if has_headers and os.path.exists(os.path.join(root, "bin", "nvcc")):
             if nvcc and os.path.dirname(os.path.dirname(nvcc)) != root:
                 os.environ["CUDA_HOME"] = root
             return

@@ -106,7 +106,8 @@ def main():
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
-        device_name = f"CPU ({torch.get_num_threads()} threads, {os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+        cpu = platform.processor() or platform.machine()
+        device_name = f"CPU ({torch.get_num_threads()} threads, {os.cpu_count()} cores, {cpu})"
     versions = {"torch": torch.__version__, "torchvision": torchvision.__version__,
                 "pytorch_fid": pytorch_fid.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
                 "python": platform.python_version()}

@@ -161,7 +161,8 @@ def main():
     print("\n| row | sampler | NFE | n | class consistency | judge FD | FD / real (same n) | VS_p | s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['row']} | {r['sampler']} | {r['nfe']} | {r['n']} | {r['class_consistency']:.3f} | {r['judge_fd']:.2f} | "
+        print(f"| {r['row']} | {r['sampler']} | {r['nfe']} | {r['n']} | {r['class_consistency']:.3f} | "
+              f"{r['judge_fd']:.2f} | "
               f"{r['judge_fd'] / base[r['n']]:.1f} | {r['vs_p']:.2f} | {r['seconds']:.0f} |")
     for name, rec in result["training"].items():
         print(f"training {name}: {rec['steps']} steps in {rec['minutes']:.1f} min, final loss {rec['final_loss']}")

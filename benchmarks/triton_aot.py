@@ -65,7 +65,8 @@ def launch_block(kernel, const):
         return launch.block_size(1)
     if kernel == "em_step":
         return launch.block_size(const["KP"])
-    return launch.block_size(const["KP1"], launch.tile_pixels_per_thread(const["KP1"], const["WIDE"]))  # exp_step, prior
+    # exp_step, prior
+    return launch.block_size(const["KP1"], launch.tile_pixels_per_thread(const["KP1"], const["WIDE"]))
 
 
 def _ptxas(arch):

@@ -8,8 +8,9 @@ THE definition every backend implements bit-for-bit in its integer part:
 * normal  = sqrt(-2 ln u_0) * cos(2 pi u_1)  (float32)
 
 Streams (numbered in gfdm_fast.layout; docs/design.md 'Noise contract'): 0 = Euler-Maruyama step noise,
-1 = prior draw, 2 = training noise and times, 3 = exponential-integrator step noise, 4 = class labels. A sample therefore depends on its seed
-only: not on the batch it is in, the backend, or the number of processes.
+1 = prior draw, 2 = training noise and times, 3 = exponential-integrator step noise, 4 = class labels.
+A sample therefore depends on its seed only: not on the batch it is in, the backend, or the number of
+processes.
 """
 import math
 

@@ -16,7 +16,8 @@ MODES = ("sde", "ode")
 def _stats(dyn, t, dtype, device):
     """Regularised statistics at times t (1-D tensor) as tensors of ``dtype`` on ``device``."""
     st = dyn.marginal_stats(t)
-    return type(st)(*(a.to(device=device, dtype=dtype) for a in (st.cov, st.alpha, st.var_x, st.var_c, st.sigma_c, st.mean_scale)))
+    fields = (st.cov, st.alpha, st.var_x, st.var_c, st.sigma_c, st.mean_scale)
+    return type(st)(*(a.to(device=device, dtype=dtype) for a in fields))
 
 
 def _per_sample(v, ndim):
@@ -133,7 +134,8 @@ def sample_em(model, dyn: Dynamics, z_T, noise, *, steps, eps=1e-3, mode="sde", 
     _check_layout(dyn, z_T)
     B = z_T.shape[0]
     if noise is not None and (noise.shape[0] != B or noise.shape[1] < steps or noise.shape[2:] != z_T.shape[1:4]):
-        raise ValueError(f"noise must be (B, steps+1, C, H, W) = ({B}, {steps + 1}, {', '.join(map(str, z_T.shape[1:4]))}), "
+        chw = ", ".join(map(str, z_T.shape[1:4]))
+        raise ValueError(f"noise must be (B, steps+1, C, H, W) = ({B}, {steps + 1}, {chw}), "
                          f"got {tuple(noise.shape)}")
     t_grid, dt = time_grid(dyn, steps, eps)
     m = 1.0 if mode == "sde" else 0.5
@@ -191,7 +193,8 @@ def em_step_planar(z, e, x_in, table, step, seeds=None, noise=None):
 
 
 def prior_planar(z, x_in, prior, seeds=None, noise=None):
-    """z_T = L xi per pixel (xi: Philox stream 1, component j for Z_j, or ``noise`` (K+1, B, C, H, W)), x_in = X - alpha_0 . Y."""
+    """z_T = L xi per pixel (xi: Philox stream 1, component j for Z_j, or ``noise`` (K+1, B, C, H, W)),
+    x_in = X - alpha_0 . Y."""
     from gfdm_fast.philox import philox_normal
     K = z.shape[0] - 1
     p = prior.to(z.dtype)

@@ -45,7 +45,8 @@ def _tables(K, mode, order):
 
 def _philox_planes(seeds, step, K, shape):
     numel = shape[1] * shape[2] * shape[3]
-    return torch.stack([philox_normal(seeds, step, STREAM_EXP, numel, component=j).reshape(shape) for j in range(K + 1)])
+    return torch.stack([philox_normal(seeds, step, STREAM_EXP, numel, component=j).reshape(shape)
+                        for j in range(K + 1)])
 
 
 @functools.lru_cache(maxsize=None)

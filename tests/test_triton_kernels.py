@@ -182,7 +182,8 @@ def test_prior_odd_size(K):
     shape = (3, 3, 11, 31)                                   # 1023 pixels: a ragged last block
     seeds = torch.tensor([3, -(2 ** 60), 2 ** 33], dtype=torch.int64)
     numel = 3 * 11 * 31
-    noise = torch.stack([philox_normal(seeds, 0, STREAM_PRIOR, numel, component=j).reshape(shape) for j in range(K + 1)])
+    noise = torch.stack([philox_normal(seeds, 0, STREAM_PRIOR, numel, component=j).reshape(shape)
+                         for j in range(K + 1)])
     z64, x64 = torch.empty(K + 1, *shape, dtype=torch.float64), torch.empty(shape, dtype=torch.float64)
     ref.prior_planar(z64, x64, p64, noise=noise.double())
     z32, x32 = torch.empty(K + 1, *shape), torch.empty(shape)

@@ -129,7 +129,8 @@ def run(args):
     print(f"  generated      {nn_distance(x, real_test):.3f}")
     print(f"  real (train)   {nn_distance(real_train, real_test):.3f}   <- yardstick")
     print(f"  Gaussian noise {nn_distance(noise, real_test):.3f}")
-    print(f"  held-out -> generated {nn_distance(real_test, x):.3f} vs held-out -> real {nn_distance(real_test, real_train):.3f}"
+    print(f"  held-out -> generated {nn_distance(real_test, x):.3f} "
+          f"vs held-out -> real {nn_distance(real_test, real_train):.3f}"
           f"  (coverage: high means missing modes)")
     print(f"wrote {os.path.join(args.out, 'samples.png')} and {os.path.join(args.out, 'real.png')}")
     print("real 28x28 MNIST digits (FVP vs VP, judged by a digit classifier): python benchmarks/real_data.py, "
