@@ -2,11 +2,12 @@
 import numpy as np
 import pytest
 import torch
-from conftest import load_official
 from scipy.integrate import solve_ivp
 
 from gfdm_fast import make_dynamics
 from gfdm_fast.dynamics import FVE_SIGMA, FVP_BETA, tight_xrow
+
+from conftest import load_official
 
 AUG_FILES = ["fvp_H0.7_K2.npz", "fvp_H0.9_K3.npz", "fve_H0.9_K2.npz"]
 K0_FILES = ["fvp_H0.5_K0.npz", "fve_H0.5_K0.npz"]

@@ -1,10 +1,11 @@
 """The pure-PyTorch reference against the official fixtures, and its own invariants."""
 import pytest
 import torch
-from conftest import load_official, standin_net
 
 from gfdm_fast import make_dynamics
 from gfdm_fast import reference as ref
+
+from conftest import load_official, standin_net
 
 ALL_FILES = ["fvp_H0.7_K2.npz", "fvp_H0.9_K3.npz", "fve_H0.9_K2.npz", "fvp_H0.5_K0.npz", "fve_H0.5_K0.npz"]
 AUG_FILES = ALL_FILES[:3]

@@ -1,10 +1,11 @@
 """The fused Sampler: official trajectories, reproducibility across batch sizes and backends, bad input."""
 import pytest
 import torch
-from conftest import load_official, standin_net
 
 from gfdm_fast import Sampler, make_dynamics, ops
 from gfdm_fast.sampler import draw_labels, shard
+
+from conftest import load_official, standin_net
 
 FILES = ["fvp_H0.9_K3.npz", "fve_H0.9_K2.npz", "fvp_H0.5_K0.npz"]
 
