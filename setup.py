@@ -1,4 +1,4 @@
-"""Build and install gfdm-fast.
+"""Build the C++/CUDA extension of gfdm-fast (the package metadata is in pyproject.toml).
 
 The C++ extension ``gfdm_fast._C`` (csrc/*.cpp, OpenMP) is always built. CUDA
 kernels (csrc/*.cu) are added when nvcc and a CUDA build of torch with the same
@@ -22,8 +22,6 @@ import sys
 import warnings
 
 from setuptools import find_packages, setup
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _env_flag(name):
@@ -90,7 +88,8 @@ def _cuda_home_from_nvcc():
     candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
     candidates.append("/usr/local/cuda")
     for root in candidates:
-        if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")) and os.path.exists(os.path.join(root, "bin", "nvcc")):
+        has_headers = os.path.exists(os.path.join(root, "include", "cuda_runtime.h"))
+        if has_headers and os.path.exists(os.path.join(root, "bin", "nvcc")):
             if nvcc and os.path.dirname(os.path.dirname(nvcc)) != root:
                 os.environ["CUDA_HOME"] = root
             return
@@ -133,27 +132,11 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
+# Metadata, dependencies and the console script live in pyproject.toml; this file adds what needs code:
+# the extension and the mapping of the top-level kernels/ folder to the package gfdm_fast.kernels.
 setup(
-    name="gfdm-fast",
-    version="0.1.0",
-    description="Fast sampling, training and evaluation for Generative Fractional Diffusion Models",
-    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
     packages=find_packages(include=["gfdm_fast", "gfdm_fast.*"]) + ["gfdm_fast.kernels"],
     package_dir={"gfdm_fast.kernels": "kernels"},
-    install_requires=[
-        "torch>=2.4",
-        "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
-        "numpy",
-        "scipy",
-        "pytorch-fid",
-        "tqdm",
-        "pillow",
-        "scikit-learn",
-    ],
-    extras_require={"test": ["pytest"]},
-    entry_points={"console_scripts": ["gfdm-fast = gfdm_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gfdm_fast import bench  # noqa: E402
+from gfdm_fast import bench
 
 SAMPLES, STEPS = 50_000, 1000
 
@@ -137,7 +137,8 @@ def main(argv=None):
     fid_rate, fid_what = time_fid(device, fid_n, fid_batch, args.inception_weights)
     sqrtm_s = time_sqrtm(sq_dims)
     print(f"FID features: {fid_rate:.3f} images/s on {fid_n} images ({fid_what})")
-    print(f"Frechet distance: {sqrtm_s:.1f} s for 2048 dims" + (f" (timed at {sq_dims}, scaled by n^3)" if sq_dims != 2048 else ""))
+    scaled = f" (timed at {sq_dims}, scaled by n^3)" if sq_dims != 2048 else ""
+    print(f"Frechet distance: {sqrtm_s:.1f} s for 2048 dims" + scaled)
     threads = 1 if gpu else torch.get_num_threads()
     unit = "GPU-h" if gpu else "CPU core-h"
     out = []

@@ -29,11 +29,11 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import pytorch_fid  # noqa: E402
-from pytorch_fid import fid_score as pfid  # noqa: E402
-from pytorch_fid import inception as pfid_inception  # noqa: E402
+import pytorch_fid
+from pytorch_fid import fid_score as pfid
+from pytorch_fid import inception as pfid_inception
 
-from gfdm_fast.metrics import fid as F  # noqa: E402
+from gfdm_fast.metrics import fid as F
 
 
 def random_fid_weights(path, seed=0):
@@ -106,7 +106,8 @@ def main():
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
-        device_name = f"CPU ({torch.get_num_threads()} threads, {os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+        cpu = platform.processor() or platform.machine()
+        device_name = f"CPU ({torch.get_num_threads()} threads, {os.cpu_count()} cores, {cpu})"
     versions = {"torch": torch.__version__, "torchvision": torchvision.__version__,
                 "pytorch_fid": pytorch_fid.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
                 "python": platform.python_version()}

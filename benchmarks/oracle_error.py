@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gfdm_fast import Sampler, make_dynamics  # noqa: E402
-from gfdm_fast.oracle import GaussianMixture, MixtureOracle, w1  # noqa: E402
+from gfdm_fast import Sampler, make_dynamics
+from gfdm_fast.oracle import GaussianMixture, MixtureOracle, w1
 
 DYNAMICS = [  # label, name, hurst, K
     ("FVP H0.9 K2", "fvp", 0.9, 2),
@@ -65,7 +65,8 @@ def run(cfg, log=print):
                         rows.append({"dynamics": label, "name": name, "hurst": hurst, "K": K, "mode": mode,
                                      "solver": solver, "oracle": oracle_dtype, "steps": steps, "pixels": pixels,
                                      "w1": round(err, 5), "seconds": round(sec, 2)})
-                        log(f"  {label:12s} {mode} {solver:3s} {oracle_dtype} {steps:5d} steps: W1 {err:.4f} ({sec:.1f} s)")
+                        log(f"  {label:12s} {mode} {solver:3s} {oracle_dtype} {steps:5d} steps: "
+                            f"W1 {err:.4f} ({sec:.1f} s)")
     return rows, floor
 
 
@@ -146,7 +147,8 @@ def plot(rows, floor, path):
         d.line([(lx, ph + 45), (lx + 20, ph + 45)], fill=colour, width=3)
         d.text((lx + 24, ph + 38), f"{solver} {mode}", fill="black", font=font)
         lx += 100
-    d.text((lx, ph + 38), "open circles: bf16-rounded oracle; black line: Monte-Carlo floor; axes log-log (W1 vs steps)",
+    d.text((lx, ph + 38),
+           "open circles: bf16-rounded oracle; black line: Monte-Carlo floor; axes log-log (W1 vs steps)",
            fill="black", font=font)
     img.save(path)
     return path

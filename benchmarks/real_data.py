@@ -25,15 +25,16 @@ import time
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gfdm_fast.data import load_dataset  # noqa: E402
-from gfdm_fast.io import save_grid  # noqa: E402
-from gfdm_fast.metrics.judge import judge_report, load_judge, unit_images  # noqa: E402
-from gfdm_fast.models.presets import PRESETS  # noqa: E402
-from gfdm_fast.sampler import Sampler  # noqa: E402
-from gfdm_fast.train import TrainConfig, train  # noqa: E402
+from gfdm_fast.data import load_dataset
+from gfdm_fast.io import save_grid
+from gfdm_fast.metrics.judge import judge_report, load_judge, unit_images
+from gfdm_fast.models.presets import PRESETS
+from gfdm_fast.sampler import Sampler
+from gfdm_fast.train import TrainConfig, train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 DYNAMICS = {   # row name -> TrainConfig dynamics fields
     "fvp_h0.9_k3": dict(dynamics="fvp", hurst=0.9, num_aug=3),
@@ -161,7 +162,8 @@ def main():
     print("\n| row | sampler | NFE | n | class consistency | judge FD | FD / real (same n) | VS_p | s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['row']} | {r['sampler']} | {r['nfe']} | {r['n']} | {r['class_consistency']:.3f} | {r['judge_fd']:.2f} | "
+        print(f"| {r['row']} | {r['sampler']} | {r['nfe']} | {r['n']} | {r['class_consistency']:.3f} | "
+              f"{r['judge_fd']:.2f} | "
               f"{r['judge_fd'] / base[r['n']]:.1f} | {r['vs_p']:.2f} | {r['seconds']:.0f} |")
     for name, rec in result["training"].items():
         print(f"training {name}: {rec['steps']} steps in {rec['minutes']:.1f} min, final loss {rec['final_loss']}")

@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gfdm_fast import make_dynamics, ops  # noqa: E402
-from gfdm_fast import reference as ref  # noqa: E402
-from gfdm_fast import schedule as S  # noqa: E402
+from gfdm_fast import make_dynamics, ops
+from gfdm_fast import reference as ref
+from gfdm_fast import schedule as S
 
 STEPS = 1000
 FULL_BATCH = (256, 3, 32, 32)
@@ -99,7 +99,8 @@ def official_step(K, batch, device, dyn):
     shape = batch if K == 0 else (*batch, K + 1)
     state = {"z": torch.randn(*shape, generator=gen, device=device)}
     eps_hat = torch.randn(*batch, generator=gen, device=device)
-    model = lambda x, s, y: eps_hat          # noqa: E731  zero-cost network
+    def model(x, s, y):  # a zero-cost network
+        return eps_hat
     t_grid, dt = ref.time_grid(dyn, STEPS)
     n = STEPS // 2
     t = t_grid[n].expand(batch[0])
@@ -125,8 +126,9 @@ def run(device, quick):
     batch = QUICK_BATCH if quick else FULL_BATCH
     pixels = batch[0] * batch[1] * batch[2] * batch[3]
     bw = copy_bandwidth(device, quick)
+    interpreted = device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     names = ["official"] + [b for b in FUSED if b in ops.available_backends(device)
-                            and not (b == "triton" and (device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"))]
+                            and not (b == "triton" and interpreted)]
     rows, floors = [], {}
     for K in KS:
         dyn = dynamics(K)
@@ -134,7 +136,8 @@ def run(device, quick):
         for name in names:
             fn = official_step(K, batch, device, dyn) if name == "official" else fused_step(name, K, batch, device, dyn)
             slow = name in ("official", "torch")
-            sec = median_seconds(fn, device, warmup=1 if slow else 3, repeats=(3 if quick else 5) if slow else (5 if quick else 11))
+            repeats = (3 if quick else 5) if slow else (5 if quick else 11)
+            sec = median_seconds(fn, device, warmup=1 if slow else 3, repeats=repeats)
             ns = sec / pixels * 1e9
             rows.append({"backend": name, "device": device.type, "K": K, "batch": "x".join(map(str, batch)),
                          "ns_per_pixel_step": round(ns, 3), "gbytes_per_s": round(2 * (K + 2) * 4 / ns, 3)})
@@ -151,7 +154,8 @@ def describe(device):
 def print_table(rows, floors, bw, device):
     print(f"\n{describe(device)}, torch {torch.__version__}, {datetime.date.today().isoformat()}")
     print(f"copy bandwidth {bw / 1e9:.2f} GB/s (read + write); floor = 2(K+2) float32 per pixel per step")
-    print(f"{'backend':9s} {'K':>2s} {'batch':>12s} {'ns/px/step':>11s} {'GB/s':>7s} {'x floor':>8s} {'official/x':>10s}")
+    print(f"{'backend':9s} {'K':>2s} {'batch':>12s} {'ns/px/step':>11s} {'GB/s':>7s} {'x floor':>8s} "
+          f"{'official/x':>10s}")
     official = {r["K"]: r["ns_per_pixel_step"] for r in rows if r["backend"] == "official"}
     for K in sorted(floors):
         print(f"{'floor':9s} {K:2d} {'':>12s} {floors[K]:11.3f}")

@@ -49,7 +49,8 @@ def train_step_rows(args, device, dyn):
     rows = []
     for name in ("mnist", "cifar10"):
         cfg = preset(name)
-        B = args.batch or (128 if device.type == "cuda" else (8 if args.quick else 32)) // (2 if name == "cifar10" else 1)
+        default_batch = (128 if device.type == "cuda" else (8 if args.quick else 32)) // (2 if name == "cifar10" else 1)
+        B = args.batch or default_batch
         variants = [("eager", "fp32", False), ("bf16", "bf16", False), ("compiled", "fp32", True)]
         for label, precision, compiled in variants:
             if compiled and device.type == "cpu" and args.quick:

@@ -23,11 +23,11 @@ from pathlib import Path
 os.environ["TRITON_INTERPRET"] = "0"          # compile, never interpret (must precede the triton import)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from gfdm_fast.layout import MAX_K_SPECIALISED  # noqa: E402
+from gfdm_fast.layout import MAX_K_SPECIALISED
 
 POINTERS_I64 = {"step_ptr", "seeds_ptr"}
 SCALARS = {"steps", "N", "CHW"}
@@ -65,7 +65,8 @@ def launch_block(kernel, const):
         return launch.block_size(1)
     if kernel == "em_step":
         return launch.block_size(const["KP"])
-    return launch.block_size(const["KP1"], launch.tile_pixels_per_thread(const["KP1"], const["WIDE"]))  # exp_step, prior
+    # exp_step, prior
+    return launch.block_size(const["KP1"], launch.tile_pixels_per_thread(const["KP1"], const["WIDE"]))
 
 
 def _ptxas(arch):
@@ -124,7 +125,7 @@ def known_archs(wanted):
             from triton.backends.nvidia.compiler import CUDABackend
             CUDABackend(GPUTarget("cuda", arch, 32))
             out.append(arch)
-        except Exception as err:  # noqa: BLE001 - report, don't fail
+        except Exception as err:  # report, don't fail
             print(f"triton {triton.__version__} cannot target sm_{arch}: {err}", file=sys.stderr)
     return out
 

@@ -1,7 +1,7 @@
 """gfdm-fast: fast Generative Fractional Diffusion Models (Nobis et al., NeurIPS 2024)."""
 __version__ = "0.1.0"
 
-from gfdm_fast.dynamics import Dynamics, make_dynamics  # noqa: E402
+from gfdm_fast.dynamics import Dynamics, make_dynamics
 
 __all__ = ["Dynamics", "make_dynamics", "Sampler"]
 

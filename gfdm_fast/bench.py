@@ -1,4 +1,4 @@
-"""Throughput per NFE of the whole sampler (DESIGN.md sec. 4): images x NFE / s, and the time of
+"""Throughput per NFE of the whole sampler (docs/design.md): images x NFE / s, and the time of
 one sampler step (network + step op) over one bare network forward of the same variant.
 
 Random networks of the presets, reverse sde with K in {0, 2, 3} (FVP, hurst 0.9; 0.5 for K = 0).
@@ -17,7 +17,8 @@ Timing: warm-up (compilation, graph capture) first, then pairs of (``steps`` bar
 sampler run of ``steps`` steps) in alternating order, so a change of machine load hits both; each
 clock read follows a device synchronisation; ``step_over_forward`` is the median of the pairs'
 ratios, ``images_nfe_per_s`` batch x steps / the median run. On a CPU with one torch thread the
-clock is the thread's CPU time (other processes' time slices excluded), else wall time. ``peak_mem_mb``: torch.cuda.max_memory_allocated over the timed part on a GPU; on a
+clock is the thread's CPU time (other processes' time slices excluded), else wall time.
+``peak_mem_mb``: torch.cuda.max_memory_allocated over the timed part on a GPU; on a
 CPU the process's peak resident set size while the row was timed (torch itself included).
 """
 import os

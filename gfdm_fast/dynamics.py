@@ -4,7 +4,7 @@
 ``F = [[mu, -g omega_1 gamma_1, ..], [0, -gamma_1, ..], ..]`` and
 ``G = (g sum(omega), 1, .., 1)``; ``Z_t | x0 ~ N((c(t) x0, 0), Sigma(t))``.
 
-Two coefficient recipes (DESIGN.md Sec. 1):
+Two coefficient recipes (docs/design.md 'Coefficient recipes'):
 * ``exact``: float64 throughout; the FVP X-row of Sigma by nested Gauss-Legendre
   quadrature of the variation-of-constants formula (accurate to ~1e-12, shown
   against a DOP853 solve at rtol 1e-13 in tests), FVE in closed form.
@@ -142,7 +142,7 @@ class Dynamics:
         raise NotImplementedError
 
     def _var0(self):
-        """Var X at t = 0 (FVE carries s0^2, DESIGN.md)."""
+        """Var X at t = 0 (FVE carries s0^2, docs/design.md 'Forward dynamics')."""
         return 0.0
 
     def _terminal_scale(self, var_T):
@@ -188,12 +188,13 @@ class Dynamics:
         return torch.from_numpy(self._cov(_as_t(t, self.T)))
 
     def marginal_stats(self, t):
-        """Regularised statistics (DESIGN.md 'Conditional statistics'), vectorised over t."""
+        """Regularised statistics (docs/design.md 'Conditional statistics'), vectorised over t."""
         t = _as_t(t, self.T)
         uniq, inverse = np.unique(t, return_inverse=True)
         if uniq.size < t.size:  # e.g. one time per batch element, all equal
             st = self.marginal_stats(uniq)
-            return MarginalStats(*(a[torch.from_numpy(inverse)] for a in (st.cov, st.alpha, st.var_x, st.var_c, st.sigma_c, st.mean_scale)))
+            idx = torch.from_numpy(inverse)
+            return MarginalStats(*(a[idx] for a in (st.cov, st.alpha, st.var_x, st.var_c, st.sigma_c, st.mean_scale)))
         S = self._cov(t)
         K = self.num_aug
         if K:
@@ -283,7 +284,8 @@ class Dynamics:
         g_u = self._g(u)
         integrand = -2.0 * g_u * (xy_u @ wg) + (g_u * sw) ** 2
         lc1 = self._log_c(t1)
-        xx1 = np.exp(2 * (lc1 - self._log_c(t0))) * xx0 + np.einsum("np,np->n", wu, np.exp(2 * (lc1[:, None] - lc_u)) * integrand)
+        xx1 = (np.exp(2 * (lc1 - self._log_c(t0))) * xx0
+               + np.einsum("np,np->n", wu, np.exp(2 * (lc1[:, None] - lc_u)) * integrand))
         # Cov(X, Y) at t1: same inner formula with u = t1
         v1 = u                                                   # nodes on [t0, t1]
         f1 = self._xy_forcing(v1)                                # (n, p, K)
@@ -430,7 +432,8 @@ def tight_xrow(dyn: Dynamics, t, rtol=1e-13):
     (the much tighter solve the exact recipe is checked against), shape (K+1, n)."""
     y0 = np.zeros(dyn.num_aug + 1)
     y0[0] = dyn._var0()
-    return solve_ivp(dyn._xrow_rhs, (0.0, dyn.T), y0, method="DOP853", rtol=rtol, atol=1e-22, t_eval=np.asarray(t, np.float64)).y
+    return solve_ivp(dyn._xrow_rhs, (0.0, dyn.T), y0, method="DOP853", rtol=rtol, atol=1e-22,
+                     t_eval=np.asarray(t, np.float64)).y
 
 
 def make_dynamics(name, *, hurst, num_aug, gamma_max=20.0, T=1.0, norm=True, recipe="exact", pd_eps=PD_EPS):

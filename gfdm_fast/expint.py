@@ -30,12 +30,10 @@ import torch
 
 from gfdm_fast import schedule as S
 from gfdm_fast.dynamics import Dynamics
+from gfdm_fast.layout import exp_offsets, exp_row_width
 
 GRIDS = ("blend", "logsnr", "power", "uniform")
 DEFAULT_GRID, DEFAULT_ORDER = "blend", 2   # chosen on the oracle test bed (benchmarks/oracle_error.py)
-
-
-from gfdm_fast.layout import EXP_FIXED, exp_offsets, exp_row_width  # noqa: F401  (the row layout's one home)
 
 
 def time_grid(dyn: Dynamics, steps, *, eps=1e-3, grid="logsnr", rho=2.0):

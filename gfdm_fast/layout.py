@@ -1,8 +1,8 @@
 """The one home of the step-table layout and the Philox stream numbers (pure constants, no imports).
 
-Every backend (gfdm_fast.reference, the Triton kernels in kernels/, csrc/gfdm_layout.h) and every
+Every backend (gfdm_fast.reference, the Triton kernels in kernels/, csrc/gfdm_shared.h) and every
 caller that draws counter-based noise (sampler labels, training times/noise) takes these from here;
-csrc/gfdm_layout.h mirrors them for C++/CUDA and tests/test_ops.py checks the two agree.
+csrc/gfdm_shared.h mirrors them for C++/CUDA and tests/test_cuda_build.py checks the two agree.
 
 Euler-Maruyama row (gfdm_fast.schedule): [a_x, cG0, c, u, nx, ny, b(K), a_y(K), q(K), alpha_next(K)].
 Exponential-integrator row (gfdm_fast.expint), order R:

@@ -1,4 +1,4 @@
-"""The training loss: augmented score matching in its reduced form (docs/design.md, 'Training').
+"""The training loss: augmented score matching in its reduced form (docs/design.md, 'Training loss').
 
 For each image, t ~ U(T_MIN, 1) and eps ~ N(0, 1) come from its Philox key (``seed * 2^32 + global
 index``), so the draw does not depend on batching, processes or accumulation; the network sees

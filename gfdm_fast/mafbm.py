@@ -93,7 +93,8 @@ def fbm_covariance(s, t, hurst):
 
 
 def mafbm_variance(t, gamma, omega):
-    """Var of ``sum_k omega_k Y_k(t)``: ``omega^T Cov(Y)(t) omega`` with ``Cov(Y_i,Y_j) = (1-e^{-(g_i+g_j)t})/(g_i+g_j)``."""
+    """Var of ``sum_k omega_k Y_k(t)``: ``omega^T Cov(Y)(t) omega``
+    with ``Cov(Y_i,Y_j) = (1-e^{-(g_i+g_j)t})/(g_i+g_j)``."""
     g = np.asarray(gamma, np.float64)
     w = np.asarray(omega, np.float64)
     t = np.asarray(t, np.float64)[..., None, None]

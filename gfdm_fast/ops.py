@@ -133,18 +133,25 @@ def _need(cond, msg):
         raise ValueError(msg)
 
 
+def _need_float32(backend, x):
+    _need(backend == "torch" or x.dtype == torch.float32,
+          f"backend {backend!r} computes in float32; use backend='torch' for float64")
+
+
 def _check_tensor(name, x, shape, dtype, device):
     _need(isinstance(x, torch.Tensor), f"{name} must be a tensor")
     _need(tuple(x.shape) == tuple(shape), f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
     _need(x.dtype == dtype, f"{name} must be {dtype}, got {x.dtype}")
-    _need(x.device == device, f"{name} is on {x.device} but the state is on {device}: move it with .to({str(device)!r})")
+    _need(x.device == device,
+          f"{name} is on {x.device} but the state is on {device}: move it with .to({str(device)!r})")
     _need(x.is_contiguous(), f"{name} must be contiguous: pass {name}.contiguous()")
 
 
 def _check_state(z, num_aug=None):
     _need(isinstance(z, torch.Tensor) and z.dim() == 5,
           f"z must be the planar augmented state (K+1, B, C, H, W), got {tuple(getattr(z, 'shape', ()))}")
-    _need(z.dtype in (torch.float32, torch.float64), f"z must be float32 (or float64 for the torch backend), got {z.dtype}")
+    _need(z.dtype in (torch.float32, torch.float64),
+          f"z must be float32 (or float64 for the torch backend), got {z.dtype}")
     _need(z.is_contiguous(), "z must be contiguous: pass z.contiguous()")
     if num_aug is not None:
         _need(z.shape[0] == num_aug + 1, f"z has K+1 = {z.shape[0]} planes but the step table was built for "
@@ -163,14 +170,15 @@ _STEP_CACHE = {}         # device -> arange(n) int64 on it: host step ints becom
 _STEP_CACHE_MAX = 1 << 16
 
 
-def _step_tensor(step, device, limit):
+def step_tensor(step, device, limit):
     """``step`` as a 0-d int64 tensor on ``device``; a host int must lie in [0, limit).
 
     A device tensor is used as is (its range is checked in-kernel: NaN output). A host int
     indexes a cached device arange, so the eager step loop makes no host-to-device copy.
     """
     if isinstance(step, torch.Tensor):
-        _need(step.numel() == 1 and not step.is_floating_point(), "step must be an integer (or a 1-element integer tensor)")
+        _need(step.numel() == 1 and not step.is_floating_point(),
+              "step must be an integer (or a 1-element integer tensor)")
         return step.reshape(()).to(device=device, dtype=torch.int64)
     _need(not isinstance(step, bool) and int(step) == step, f"step must be an integer, got {step!r}")
     step = int(step)
@@ -210,7 +218,8 @@ def _(z, x_in, prior, seeds, noise, backend):
 
 @torch.library.custom_op("gfdm::noising", mutates_args=("x_in", "eps_out"))
 def _noising_op(x0: torch.Tensor, mean_scale: torch.Tensor, sigma_c: torch.Tensor, seeds: Optional[torch.Tensor],
-                step: torch.Tensor, x_in: torch.Tensor, eps_out: torch.Tensor, eps: Optional[torch.Tensor], backend: str) -> None:
+                step: torch.Tensor, x_in: torch.Tensor, eps_out: torch.Tensor, eps: Optional[torch.Tensor],
+                backend: str) -> None:
     _IMPLS[backend]["noising"](x0, mean_scale, sigma_c, seeds, step, x_in, eps_out, eps)
 
 
@@ -254,8 +263,8 @@ def em_step(z, e, x_in, table, step, seeds=None, noise=None, *, backend="auto"):
     if noise is not None:
         _need(noise.dtype == z.dtype, f"noise must be {z.dtype}, got {noise.dtype}")
     backend = resolve_backend(backend, z.device)
-    _need(backend == "torch" or z.dtype == torch.float32, f"backend {backend!r} computes in float32; use backend='torch' for float64")
-    _em_step_op(z, e, x_in, table, _step_tensor(step, z.device, table.shape[0]), seeds, noise, backend)
+    _need_float32(backend, z)
+    _em_step_op(z, e, x_in, table, step_tensor(step, z.device, table.shape[0]), seeds, noise, backend)
 
 
 def prior_draw(z, x_in, prior, seeds=None, noise=None, *, backend="auto"):
@@ -274,7 +283,7 @@ def prior_draw(z, x_in, prior, seeds=None, noise=None, *, backend="auto"):
     if noise is not None:
         _need(noise.dtype == z.dtype, f"noise must be {z.dtype}, got {noise.dtype}")
     backend = resolve_backend(backend, z.device)
-    _need(backend == "torch" or z.dtype == torch.float32, f"backend {backend!r} computes in float32; use backend='torch' for float64")
+    _need_float32(backend, z)
     _prior_op(z, x_in, prior, seeds, noise, backend)
 
 
@@ -290,9 +299,9 @@ def noising(x0, mean_scale, sigma_c, seeds=None, step=0, eps=None, *, backend="a
     if eps is not None:
         _need(eps.dtype == x0.dtype, f"eps must be {x0.dtype}, got {eps.dtype}")
     backend = resolve_backend(backend, x0.device)
-    _need(backend == "torch" or x0.dtype == torch.float32, f"backend {backend!r} computes in float32; use backend='torch' for float64")
+    _need_float32(backend, x0)
     x_in, eps_out = torch.empty_like(x0), torch.empty_like(x0)
-    _noising_op(x0, mean_scale, sigma_c, seeds, _step_tensor(step, x0.device, 1 << 32), x_in, eps_out, eps, backend)
+    _noising_op(x0, mean_scale, sigma_c, seeds, step_tensor(step, x0.device, 1 << 32), x_in, eps_out, eps, backend)
     return x_in, eps_out
 
 
@@ -322,6 +331,6 @@ def exp_step(z, e, x_in, hist, table, step, seeds=None, noise=None, *, order=Non
         if noise is not None:
             _need(noise.dtype == z.dtype, f"noise must be {z.dtype}, got {noise.dtype}")
     backend = resolve_backend(backend, z.device, "exp_step")
-    _need(backend == "torch" or z.dtype == torch.float32, f"backend {backend!r} computes in float32; use backend='torch' for float64")
-    _exp_step_op(z, e, x_in, hist, table, _step_tensor(step, z.device, table.shape[0]), int(order), seeds, noise,
+    _need_float32(backend, z)
+    _exp_step_op(z, e, x_in, hist, table, step_tensor(step, z.device, table.shape[0]), int(order), seeds, noise,
                  bool(noisy), backend)

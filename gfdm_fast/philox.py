@@ -7,9 +7,10 @@ THE definition every backend implements bit-for-bit in its integer part:
 * output words (x0, x1) -> u_i = ((x_i >> 9) * 2 + 1) * 2^-24, exact in float32, in (0, 1)
 * normal  = sqrt(-2 ln u_0) * cos(2 pi u_1)  (float32)
 
-Streams: 0 = Euler-Maruyama step noise, 1 = prior draw, 2 = training noise,
-3 = exponential-integrator step noise. A sample therefore depends on its seed
-only: not on the batch it is in, the backend, or the number of processes.
+Streams (numbered in gfdm_fast.layout; docs/design.md 'Noise contract'): 0 = Euler-Maruyama step noise,
+1 = prior draw, 2 = training noise and times, 3 = exponential-integrator step noise, 4 = class labels.
+A sample therefore depends on its seed only: not on the batch it is in, the backend, or the number of
+processes.
 """
 import math
 
@@ -18,7 +19,6 @@ import torch
 PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
 PHILOX_ROUNDS = 10
-from gfdm_fast.layout import STREAM_EM, STREAM_EXP, STREAM_PRIOR, STREAM_TRAIN  # noqa: F401 (re-exported)
 MASK32 = 0xFFFFFFFF
 
 

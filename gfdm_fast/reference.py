@@ -16,7 +16,8 @@ MODES = ("sde", "ode")
 def _stats(dyn, t, dtype, device):
     """Regularised statistics at times t (1-D tensor) as tensors of ``dtype`` on ``device``."""
     st = dyn.marginal_stats(t)
-    return type(st)(*(a.to(device=device, dtype=dtype) for a in (st.cov, st.alpha, st.var_x, st.var_c, st.sigma_c, st.mean_scale)))
+    fields = (st.cov, st.alpha, st.var_x, st.var_c, st.sigma_c, st.mean_scale)
+    return type(st)(*(a.to(device=device, dtype=dtype) for a in fields))
 
 
 def _per_sample(v, ndim):
@@ -50,7 +51,7 @@ def prior_sample(dyn: Dynamics, shape, generator=None, *, dtype=torch.float32, d
 
 
 def training_pair(dyn: Dynamics, x0, t, *, form="reduced", generator=None, z=None, eps=None):
-    """Network input and target of augmented score matching (DESIGN.md 'Training').
+    """Network input and target of augmented score matching (docs/design.md 'Training loss').
 
     ``form="joint"``: the official draw ``(xi, eta) ~ N(0, Sreg(t))`` per pixel
     (or the given ``z`` in the official layout), input ``c x0 + xi - alpha.eta``,
@@ -88,7 +89,7 @@ def training_pair(dyn: Dynamics, x0, t, *, form="reduced", generator=None, z=Non
 
 
 def augmented_score(model, dyn: Dynamics, z, t, labels=None, time_weight=999.0):
-    """Score of the regularised Gaussian from an epsilon network (DESIGN.md 'Score').
+    """Score of the regularised Gaussian from an epsilon network (docs/design.md 'Score of the augmented state').
 
     ``e = model(X - alpha.Y, time_weight t, labels)``, ``s_x = -e / sigma_c``,
     ``score = (s_x, -alpha s_x) + (0, -Sreg_yy^-1 Y)``.
@@ -122,7 +123,7 @@ def time_grid(dyn: Dynamics, steps, eps=1e-3):
 
 
 def sample_em(model, dyn: Dynamics, z_T, noise, *, steps, eps=1e-3, mode="sde", labels=None, time_weight=999.0):
-    """The official reverse Euler-Maruyama loop (DESIGN.md 'Reverse sampling').
+    """The official reverse Euler-Maruyama loop (docs/design.md 'Reverse sampling: Euler-Maruyama').
 
     Step n at t_n: ``drift = F Z - m G (G . score)`` (m = 1 sde, 1/2 ode),
     ``Z <- Z - drift dt + G sqrt(dt) noise[:, n+1]`` with no noise on the last
@@ -133,7 +134,8 @@ def sample_em(model, dyn: Dynamics, z_T, noise, *, steps, eps=1e-3, mode="sde", 
     _check_layout(dyn, z_T)
     B = z_T.shape[0]
     if noise is not None and (noise.shape[0] != B or noise.shape[1] < steps or noise.shape[2:] != z_T.shape[1:4]):
-        raise ValueError(f"noise must be (B, steps+1, C, H, W) = ({B}, {steps + 1}, {', '.join(map(str, z_T.shape[1:4]))}), "
+        chw = ", ".join(map(str, z_T.shape[1:4]))
+        raise ValueError(f"noise must be (B, steps+1, C, H, W) = ({B}, {steps + 1}, {chw}), "
                          f"got {tuple(noise.shape)}")
     t_grid, dt = time_grid(dyn, steps, eps)
     m = 1.0 if mode == "sde" else 0.5
@@ -191,7 +193,8 @@ def em_step_planar(z, e, x_in, table, step, seeds=None, noise=None):
 
 
 def prior_planar(z, x_in, prior, seeds=None, noise=None):
-    """z_T = L xi per pixel (xi: Philox stream 1, component j for Z_j, or ``noise`` (K+1, B, C, H, W)), x_in = X - alpha_0 . Y."""
+    """z_T = L xi per pixel (xi: Philox stream 1, component j for Z_j, or ``noise`` (K+1, B, C, H, W)),
+    x_in = X - alpha_0 . Y."""
     from gfdm_fast.philox import philox_normal
     K = z.shape[0] - 1
     p = prior.to(z.dtype)

@@ -74,7 +74,7 @@ def _check_request(model, shape, labels, num, num_classes):
 
 
 class Sampler:
-    """Fused reverse sampler: ``solver="em"`` is the official Euler-Maruyama sampler (DESIGN.md
+    """Fused reverse sampler: ``solver="em"`` is the official Euler-Maruyama sampler (docs/design.md,
     'Reverse sampling'); ``solver="exp"`` the exponential integrator of gfdm_fast.expint (few steps;
     ``order``, ``grid``, and ``denoise`` = one extra network call for Tweedie's estimate at t = eps).
 
@@ -115,7 +115,8 @@ class Sampler:
                 inv_c, sig_over_c = expint.denoise_coefficients(dyn, eps)
                 self._denoise = (float(inv_c), float(sig_over_c), float(time_weight * eps))
         self.denoise = bool(denoise)
-        bad = [name for name in ("table", "t", "s", "prior") if not bool(torch.isfinite(getattr(self.table, name)).all())]
+        bad = [name for name in ("table", "t", "s", "prior")
+               if not bool(torch.isfinite(getattr(self.table, name)).all())]
         if bad:
             raise ValueError(f"the {solver} step table of {dyn!r} has non-finite coefficients ({', '.join(bad)}); "
                              "these dynamics cannot be sampled (with the official recipe, try recipe='exact')")
@@ -233,7 +234,8 @@ class Sampler:
         if labels is not None:
             labels = torch.as_tensor(labels).to("cpu", torch.int64)
             if labels.shape != (num,):
-                raise ValueError(f"labels must hold one class per image: got shape {tuple(labels.shape)} for {num} images")
+                raise ValueError(f"labels must hold one class per image: got shape {tuple(labels.shape)} "
+                                 f"for {num} images")
         if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1 (or None: all images at once), got {batch_size}")
         _check_request(self.model, shape, labels, num, self.num_classes)

@@ -4,7 +4,7 @@ One contiguous float32 device tensor per (dynamics, grid, mode): the sampling
 loop does no host sync, no solve and no scipy call, so a whole step can be
 captured in a CUDA graph.
 
-Euler-Maruyama row n (DESIGN.md 'Reverse sampling'), per pixel with network output e:
+Euler-Maruyama row n (docs/design.md 'Reverse sampling: Euler-Maruyama'), per pixel with network output e:
     gs = u e - q . Y                                  # G . score, with s_x = -e / sigma_c
     X' = a_x X + b . Y + cG0 gs + nx xi
     Y' = a_y * Y + c gs + ny xi
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from gfdm_fast.dynamics import Dynamics
+from gfdm_fast.layout import COL_AX, COL_C, COL_CG0, COL_NX, COL_NY, COL_U, EM_FIXED, em_row_width
 
-from gfdm_fast.layout import COL_AX, COL_C, COL_CG0, COL_NX, COL_NY, COL_U, EM_FIXED, em_row_width  # noqa: F401
 MODES = ("sde", "ode")
 
 

@@ -1,4 +1,4 @@
-"""Augmented score matching (DESIGN.md 'Training') in plain PyTorch: one process or DDP under torchrun.
+"""Augmented score matching (docs/design.md, 'Training loss') in plain PyTorch: one process or DDP under torchrun.
 
 Loss (the reduced exact form): ``x_in = c(t) x0 + sigma_c(t) eps`` through the fused
 ``ops.noising``, target ``eps``, ``t ~ U(1e-5, 1)``, network time ``999 t``, MSE.
@@ -118,7 +118,8 @@ class Trainer:
         if len(self.dataset) < cfg.batch_size:
             raise UserError(f"--batch_size {cfg.batch_size} is larger than the data set ({len(self.dataset)} images)")
         self.dyn = make_dyn(cfg)
-        self.run_dir = self.resume_dir if self.state_in is not None else os.path.join(cfg.output_dir, run_name(cfg.wb_id, cfg.data_name, cfg.hurst, cfg.num_aug))
+        self.run_dir = (self.resume_dir if self.state_in is not None else
+                        os.path.join(cfg.output_dir, run_name(cfg.wb_id, cfg.data_name, cfg.hurst, cfg.num_aug)))
         self.lock = None
         outcome = None
         if self.dist.main:      # one process owns the folder; the others learn the outcome
@@ -173,7 +174,8 @@ class Trainer:
         except Exception as err:   # truncated, or not a torch file at all
             raise UserError(f"--resume: {path} cannot be read ({type(err).__name__}: {str(err)[:120]}); it is "
                             "damaged (a copy cut short?): restore it, or start a new run") from None
-        if not isinstance(obj, dict) or obj.get("format") != ckpt.FORMAT or "train_config" not in (obj.get("extra") or {}):
+        if (not isinstance(obj, dict) or obj.get("format") != ckpt.FORMAT
+                or "train_config" not in (obj.get("extra") or {})):
             raise UserError(f"{path} is not a gfdm-fast training state (written by gfdm-fast train)")
         return obj
 
@@ -294,7 +296,8 @@ class Trainer:
                 "recipe": "exact", "time_weight": TIME_WEIGHT, "seed": cfg.seed,
                 "data": {"data_name": cfg.data_name, "channels": self.shape[0], "image_size": self.shape[1],
                          "num_classes": self.net_config.num_classes},
-                "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("extra", "progress", "explicit")},
+                "train": {k: v for k, v in dataclasses.asdict(cfg).items()
+                          if k not in ("extra", "progress", "explicit")},
                 "resumed_with": self.resume_changes,
                 "world_size": self.dist.world}
 
@@ -321,7 +324,8 @@ class Trainer:
             atomic_save(self.ema.official_state_dict(), os.path.join(mdir, f"ema_model-{tag}.pth"))
         if not final:
             self.version += 1
-        extra = {"train_config": {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ("extra", "explicit")},
+        extra = {"train_config": {k: v for k, v in dataclasses.asdict(self.cfg).items()
+                                  if k not in ("extra", "explicit")},
                  "optimizer": self.opt.state_dict(),
                  "scheduler": None if self.sched is None else self.sched.state_dict(),
                  "ema_step": None if self.ema is None else self.ema.step,

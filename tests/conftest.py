@@ -1,5 +1,6 @@
 """Shared test fixtures: where the official test vectors live, the stand-in network, device switches."""
-import os  # noqa: I001
+import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -53,3 +54,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def seed_for(nodeid):
+    """A 32-bit seed fixed by a test's node id (file, name and parameters): stable across runs and machines."""
+    return zlib.crc32(nodeid.encode())
+
+
+@pytest.fixture
+def seed(request):
+    """This test's own fixed seed: torch's and numpy's global generators start from it, and it is returned
+    for explicit generators (``torch.Generator().manual_seed(seed)``). Each test and parametrisation gets a
+    different one, so tests draw fresh inputs without depending on the order they run in."""
+    s = seed_for(request.node.nodeid)
+    torch.manual_seed(s)
+    np.random.seed(s)
+    return s

@@ -78,7 +78,8 @@ def cuda_build(tmp_path_factory):
     (out / "build.log").write_text(log)
     assert proc.returncode == 0, f"the CUDA extension build failed:\n{log[-8000:]}"
     if "skipping the CUDA kernels" in log:
-        pytest.skip("setup.py declined the CUDA build: " + re.search(r"skipping the CUDA kernels \(([^)]*)\)", log).group(1))
+        why = re.search(r"skipping the CUDA kernels \(([^)]*)\)", log).group(1)
+        pytest.skip("setup.py declined the CUDA build: " + why)
     so = list((out / "lib").glob("gfdm_fast/_C*.so"))
     assert so, "no extension was written"
     return so[0], log, nvcc
@@ -114,7 +115,8 @@ def test_no_local_memory_for_specialised_kernels(cuda_build):
     assert rows, "no ptxas -v output in the build log (NVCC_APPEND_FLAGS ignored?)"
     print("\nkernel             K  arch   regs stack spills")
     for r in sorted(rows, key=lambda r: (r["kernel"], r["arch"], -1 if r["K"] is None else r["K"])):
-        print(f"{r['kernel']:<18} {'' if r['K'] is None else r['K']:>2} {r['arch']:<6} {r['registers']:>4} {r['stack']:>5}"
+        k = "" if r["K"] is None else r["K"]
+        print(f"{r['kernel']:<18} {k:>2} {r['arch']:<6} {r['registers']:>4} {r['stack']:>5}"
               f" {r['spill_stores'] + r['spill_loads']:>6}")
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"em_step_kernel", "prior_kernel", "noising_kernel", "exp_step_kernel"}, kernels
@@ -151,8 +153,9 @@ def test_backends_take_the_per_pixel_math_from_the_shared_header(source):
     for const in ("D2511F53", "CD9E8D57", "9E3779B9", "BB67AE85", "3f3504f3", "0.69314718055994531", "6.28318548f",
                   "1.5707963267948966", "6227020800", "479001600"):
         assert const.lower() not in text.lower(), f"{source} has its own copy of {const}"
-    own = re.findall(r"^\s*(?:__device__\s+)?(?:__forceinline__\s+)?(?:GFDM_INLINE\s+)?float\s+(log_pos|cos_2pi|philox_normal|"
-                     r"uniform_from_bits|em_pixel|prior_pixel|noising_pixel|exp_pixel|exp_data_prediction)\s*\(", text, re.M)
+    own = re.findall(r"^\s*(?:__device__\s+)?(?:__forceinline__\s+)?(?:GFDM_INLINE\s+)?float\s+"
+                     r"(log_pos|cos_2pi|philox_normal|uniform_from_bits|em_pixel|prior_pixel|noising_pixel|exp_pixel|"
+                     r"exp_data_prediction)\s*\(", text, re.M)
     assert not own, f"{source} defines {own} itself"
     assert not re.search(r"kEmFixed\s*=|kStream\w+\s*=|COL_AX\s*=|#define GFDM_SWITCH_K", text)
     for fn in ("philox_normal(", "em_pixel<", "prior_pixel<", "noising_pixel(", "exp_pixel<", "exp_data_prediction("):

@@ -4,9 +4,10 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
-from conftest import load_official
 from gfdm_fast import make_dynamics
 from gfdm_fast.dynamics import FVE_SIGMA, FVP_BETA, tight_xrow
+
+from conftest import load_official
 
 AUG_FILES = ["fvp_H0.7_K2.npz", "fvp_H0.9_K3.npz", "fve_H0.9_K2.npz"]
 K0_FILES = ["fvp_H0.5_K0.npz", "fve_H0.5_K0.npz"]
@@ -22,7 +23,8 @@ def _close(a, b, rtol, scale_atol=0.0):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     scale = np.abs(b).reshape(b.shape[0], -1).max(1).reshape(-1, *([1] * (b.ndim - 1)))
     bad = np.abs(a - b) > rtol * np.abs(b) + scale_atol * scale
-    assert not bad.any(), f"{bad.sum()} of {bad.size} mismatch; first at {np.argwhere(bad)[0]}: {a[bad][0]} vs {b[bad][0]}"
+    assert not bad.any(), (f"{bad.sum()} of {bad.size} mismatch; first at {np.argwhere(bad)[0]}: "
+                           f"{a[bad][0]} vs {b[bad][0]}")
 
 
 # ---- official recipe: reproduces the official code (fixture README tolerances) --------------------
@@ -79,7 +81,8 @@ def test_exact_recipe_loosely_matches_fixture(fname, alpha_rtol, sigma_rtol):
 
 
 # ---- exact recipe: accuracy against independent computations ---------------------------------------
-@pytest.mark.parametrize("name,hurst,K", [("fvp", 0.9, 3), ("fvp", 0.1, 5), ("fvp", 0.7, 1), ("fve", 0.9, 2), ("fve", 0.3, 4)])
+@pytest.mark.parametrize("name,hurst,K",
+                         [("fvp", 0.9, 3), ("fvp", 0.1, 5), ("fvp", 0.7, 1), ("fve", 0.9, 2), ("fve", 0.3, 4)])
 def test_exact_covariance_accurate_to_1e8(name, hurst, K):
     dyn = make_dynamics(name, hurst=hurst, num_aug=K)
     t = np.concatenate([[1e-6, 1e-4], np.linspace(0.01, 1.0, 25)])
@@ -122,14 +125,16 @@ def test_norm_sets_terminal_variance():
 
 
 def test_k0_fvp_is_song_vp_sde():
-    """num_aug = 0 FVP: the VP-SDE perturbation kernel of Song et al. (2021), mean exp(-int beta/2), var 1 - exp(-int beta)."""
+    """num_aug = 0 FVP: the VP-SDE perturbation kernel of Song et al. (2021),
+    mean exp(-int beta/2), var 1 - exp(-int beta)."""
     dyn = make_dynamics("fvp", hurst=0.5, num_aug=0)
     b0, b1 = FVP_BETA
     t = np.linspace(0.0, 1.0, 11)
     sol = solve_ivp(lambda tt, v: [-(b0 + tt * (b1 - b0)) * v[0] + (b0 + tt * (b1 - b0))], (0, 1), [0.0],
                     method="DOP853", rtol=1e-12, atol=1e-14, t_eval=t)
     np.testing.assert_allclose(dyn.cov(t)[:, 0, 0].numpy(), sol.y[0], rtol=1e-9, atol=1e-14)
-    np.testing.assert_allclose(dyn.mean_scale(t).numpy(), np.exp(-0.5 * (b0 * t + 0.5 * (b1 - b0) * t ** 2)), rtol=1e-14)
+    np.testing.assert_allclose(dyn.mean_scale(t).numpy(), np.exp(-0.5 * (b0 * t + 0.5 * (b1 - b0) * t ** 2)),
+                               rtol=1e-14)
     assert dyn.F(t).shape == (11, 1, 1) and dyn.G(t).shape == (11, 1)
 
 
@@ -155,7 +160,8 @@ def test_raw_y_block_is_nearly_singular_at_small_t():
 @pytest.mark.slow
 @pytest.mark.parametrize("name,hurst", [("fvp", 0.7), ("fve", 0.9)])
 def test_monte_carlo_forward_sde_matches_cov(name, hurst):
-    """Fine Euler-Maruyama of dZ = F Z dt + G dB (float64, 10k paths, dt = 5e-4: EM bias ~ gamma_max dt / 2 = 0.5%, below the ~1.4% standard error); FVE starts at X(0) ~ N(0, s0^2)."""
+    """Fine Euler-Maruyama of dZ = F Z dt + G dB (float64, 10k paths, dt = 5e-4: EM bias ~ gamma_max dt / 2
+    = 0.5%, below the ~1.4% standard error); FVE starts at X(0) ~ N(0, s0^2)."""
     K, n_paths, n_steps = 2, 10000, 2000
     dyn = make_dynamics(name, hurst=hurst, num_aug=K)
     gen = torch.Generator().manual_seed(1234)

@@ -14,8 +14,9 @@ from test_ops import CUDA, assert_calibrated, backend_or_skip, device_for
 
 from gfdm_fast import make_dynamics, ops
 from gfdm_fast import reference as ref
-from gfdm_fast.expint import EXP_FIXED, build_exp_table, exp_row_width
-from gfdm_fast.philox import STREAM_EXP, philox_normal
+from gfdm_fast.expint import build_exp_table
+from gfdm_fast.layout import EXP_FIXED, STREAM_EXP, exp_row_width
+from gfdm_fast.philox import philox_normal
 
 BACKENDS = ["triton", "cpp", CUDA, "torch"]
 SHAPES = [(5, 3, 7, 9), (2, 1, 4, 4)]
@@ -44,7 +45,8 @@ def _tables(K, mode, order):
 
 def _philox_planes(seeds, step, K, shape):
     numel = shape[1] * shape[2] * shape[3]
-    return torch.stack([philox_normal(seeds, step, STREAM_EXP, numel, component=j).reshape(shape) for j in range(K + 1)])
+    return torch.stack([philox_normal(seeds, step, STREAM_EXP, numel, component=j).reshape(shape)
+                        for j in range(K + 1)])
 
 
 @functools.lru_cache(maxsize=None)

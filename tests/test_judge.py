@@ -6,7 +6,6 @@ import torch
 from gfdm_fast import data as gdata
 from gfdm_fast.cli import main
 from gfdm_fast.metrics import judge as J
-from gfdm_fast.metrics.fid import FIDAccumulator
 
 
 def bars(n, seed, size=12):

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from scipy import integrate
 
-from conftest import fixtures_dir
 from gfdm_fast import mafbm
+
+from conftest import fixtures_dir
 
 RECORDS = json.loads((fixtures_dir() / "mafbm_weights.json").read_text())
 # README of the fixtures: A is ill-conditioned, rtol ~1e-5 on omega at K = 5, better for small K.

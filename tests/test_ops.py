@@ -13,7 +13,8 @@ import torch
 from gfdm_fast import make_dynamics, ops
 from gfdm_fast import reference as ref
 from gfdm_fast import schedule as S
-from gfdm_fast.philox import STREAM_EM, STREAM_PRIOR, STREAM_TRAIN, philox_normal
+from gfdm_fast.layout import STREAM_EM, STREAM_PRIOR, STREAM_TRAIN
+from gfdm_fast.philox import philox_normal
 
 SHAPES = [(5, 3, 7, 9), (2, 1, 4, 4)]
 
@@ -62,9 +63,9 @@ def _table(K, mode, steps=10, name="fvp"):
 @pytest.mark.parametrize("backend", FAST + ["torch"])
 @pytest.mark.parametrize("K", range(6))
 @pytest.mark.parametrize("mode", ["sde", "ode"])
-def test_em_step_matches_reference(backend, K, mode):
+def test_em_step_matches_reference(backend, K, mode, seed):
     dev = device_for(backend_or_skip(backend))
-    gen = torch.Generator().manual_seed(1000 * K + (mode == "ode"))
+    gen = torch.Generator().manual_seed(seed)
     t32, t64 = _table(K, mode, name="fve" if K % 2 else "fvp")
     for shape in SHAPES:
         B = shape[0]
@@ -74,7 +75,10 @@ def test_em_step_matches_reference(backend, K, mode):
         for step in (0, 4, t32.steps - 1):
             for explicit in (False, True):
                 noise = torch.randn(*shape, generator=gen) if explicit else None
-                noise64 = noise.double() if explicit else philox_normal(seeds, step, STREAM_EM, z0[0, 0].numel()).reshape(shape).double()
+                if explicit:
+                    noise64 = noise.double()
+                else:
+                    noise64 = philox_normal(seeds, step, STREAM_EM, z0[0, 0].numel()).reshape(shape).double()
                 z64, x64 = z0.clone(), torch.empty(shape, dtype=torch.float64)
                 ref.em_step_planar(z64, e, x64, t64.table, step, noise=noise64)
                 z32, x32 = z0.float(), torch.empty(shape)
@@ -125,9 +129,9 @@ def test_prior_matches_reference(backend, K):
 
 
 @pytest.mark.parametrize("backend", FAST + ["torch"])
-def test_noising_matches_reference(backend):
+def test_noising_matches_reference(backend, seed):
     dev = device_for(backend_or_skip(backend))
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator().manual_seed(seed)
     x0 = torch.rand(5, 3, 7, 9, generator=gen, dtype=torch.float64) * 2 - 1
     c = torch.rand(5, generator=gen, dtype=torch.float64)
     sig = torch.rand(5, generator=gen, dtype=torch.float64)
@@ -247,14 +251,14 @@ def test_device_step_outside_the_table_raises_or_poisons(backend, bad):
 
 def test_host_steps_are_views_of_one_device_tensor():
     """An int step costs no host-to-device copy: it indexes a cached arange on the state's device."""
-    a, b = ops._step_tensor(3, torch.device("cpu"), 10), ops._step_tensor(7, torch.device("cpu"), 10)
+    a, b = ops.step_tensor(3, "cpu", 10), ops.step_tensor(7, "cpu", 10)
     assert a.dim() == 0 and a.dtype == torch.int64 and int(a) == 3 and int(b) == 7
     assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 # ---- custom-op contracts (CPU here; the gpu suite repeats them on CUDA) --------------------------
 def _op_samples(dev, backend):
-    """One (op, args) per registered custom op, with fresh inputs on ``dev``."""
+    """One (op, args) per registered custom op (torch.ops.gfdm.*), with fresh inputs on ``dev``."""
     t32, _ = _table(2, "sde", steps=4)
     shape = (2, 1, 3, 5)
     seeds = torch.arange(2, device=dev)
@@ -262,14 +266,21 @@ def _op_samples(dev, backend):
     te, _, ze, ee, h = _exp_case(K=2, order=3, steps=4)
     p = torch.tensor(S.prior_vector(make_dynamics("fvp", hurst=0.7, num_aug=2), 1.0), dtype=torch.float32)
     c = torch.rand(2, device=dev)
+    gfdm = torch.ops.gfdm
+
+    def state(k1=3):
+        return torch.randn(k1, *shape, device=dev)
+
+    def zeros():
+        return torch.zeros(shape, device=dev)
+
     return [
-        (ops._em_step_op, (torch.randn(3, *shape, device=dev), torch.randn(shape, device=dev), torch.zeros(shape, device=dev),
-                           t32.table.to(dev), step, seeds, None, backend)),
-        (ops._prior_op, (torch.zeros(3, *shape, device=dev), torch.zeros(shape, device=dev), p.to(dev), seeds, None, backend)),
-        (ops._noising_op, (torch.randn(shape, device=dev), c, c, seeds, step, torch.zeros(shape, device=dev),
-                           torch.zeros(shape, device=dev), None, backend)),
-        (ops._exp_step_op, (ze.to(dev), ee.to(dev), torch.randn(shape, device=dev), h.to(dev), te.table.to(dev), step, 3,
-                            seeds, None, True, backend)),
+        (gfdm.em_step, (state(), torch.randn(shape, device=dev), zeros(), t32.table.to(dev), step, seeds, None,
+                        backend)),
+        (gfdm.prior, (state().zero_(), zeros(), p.to(dev), seeds, None, backend)),
+        (gfdm.noising, (torch.randn(shape, device=dev), c, c, seeds, step, zeros(), zeros(), None, backend)),
+        (gfdm.exp_step, (ze.to(dev), ee.to(dev), torch.randn(shape, device=dev), h.to(dev), te.table.to(dev), step, 3,
+                         seeds, None, True, backend)),
     ]
 
 
@@ -315,7 +326,8 @@ def test_sampler_steps_make_no_host_sync(backend, solver):
     from gfdm_fast import Sampler
     backend_or_skip(backend)
     dyn = make_dynamics("fvp", hurst=0.9, num_aug=2)
-    net = lambda x, s, y: torch.tanh(x) * (0.5 + s.reshape(-1, 1, 1, 1) / 1998)  # noqa: E731
+    def net(x, s, y):
+        return torch.tanh(x) * (0.5 + s.reshape(-1, 1, 1, 1) / 1998)
     outs = []
     for graphs in (False, True):
         smp = Sampler(dyn, net, steps=6, device="cuda", backend=backend, solver=solver, cuda_graphs=graphs)
@@ -347,8 +359,8 @@ def test_cpp_avx2_noise_is_bit_equal_to_the_scalar_code(tmp_path):
     seeds = torch.tensor([0, 7, -(2 ** 61), 2 ** 40 + 3])
     _, eps = ops.noising(x0, c, c, seeds, 123, backend="cpp")
     code = ("import sys, torch; from gfdm_fast import ops, _C; assert _C.cpu_isa() == 'generic'\n"
-            f"_, e = ops.noising(torch.zeros(4, 1, 512, 512), torch.ones(4), torch.ones(4), torch.tensor({seeds.tolist()}),"
-            f" 123, backend='cpp'); torch.save(e, sys.argv[1])")
+            "_, e = ops.noising(torch.zeros(4, 1, 512, 512), torch.ones(4), torch.ones(4), "
+            f"torch.tensor({seeds.tolist()}), 123, backend='cpp'); torch.save(e, sys.argv[1])")
     env = dict(os.environ, GFDM_CPU_ISA="generic")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "e.pt")], env=env, capture_output=True, text=True,
                           timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -64,7 +64,8 @@ def test_exp_solver_converges_at_its_order(name, hurst, K):
     """
     dyn = make_dynamics(name, hurst=hurst, num_aug=K)
     oracle = MixtureOracle(dyn)
-    run = lambda steps: Sampler(dyn, oracle, steps=steps, mode="ode", solver="exp").sample(1, (1, 16, 16), seed=1)
+    def run(steps):
+        return Sampler(dyn, oracle, steps=steps, mode="ode", solver="exp").sample(1, (1, 16, 16), seed=1)
     best = run(320)
     errs = [(run(n) - best).abs().mean().item() for n in (10, 20, 40)]
     assert errs[0] > errs[1] > errs[2]

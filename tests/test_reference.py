@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from conftest import load_official, standin_net
 from gfdm_fast import make_dynamics
 from gfdm_fast import reference as ref
+
+from conftest import load_official, standin_net
 
 ALL_FILES = ["fvp_H0.7_K2.npz", "fvp_H0.9_K3.npz", "fve_H0.9_K2.npz", "fvp_H0.5_K0.npz", "fve_H0.5_K0.npz"]
 AUG_FILES = ALL_FILES[:3]
@@ -26,7 +27,8 @@ def _rel(a, b):
 def test_official_recipe_reproduces_score_and_trajectories(fname, dtype):
     d = load_official(fname)
     dyn = _dyn(d)
-    T = lambda k: torch.from_numpy(d[k]).to(dtype)
+    def T(k):
+        return torch.from_numpy(d[k]).to(dtype)
     score = ref.augmented_score(standin_net, dyn, T("score_z"), T("score_t"))
     assert _rel(score, d["score"]) < 1e-4
     for mode in ("sde", "ode"):
@@ -40,7 +42,8 @@ def test_official_recipe_reproduces_score_and_trajectories(fname, dtype):
 def test_official_recipe_reproduces_training_pair(fname):
     d = load_official(fname)
     dyn = _dyn(d)
-    T = lambda k: torch.from_numpy(d[k])
+    def T(k):
+        return torch.from_numpy(d[k])
     x_in, target = ref.training_pair(dyn, T("train_x0"), T("train_t"), form="joint", z=T("train_z"))
     assert _rel(x_in, d["train_input"]) < 1e-5
     assert _rel(target, d["train_target"]) < 2e-4   # target divides by sigma_c (~1e-4 in the README)
@@ -51,7 +54,8 @@ def test_exact_recipe_close_to_official_trajectories(fname, tol):
     """The recipes differ by up to 7% in sigma_c at H = 0.9, K = 3; trajectories move by ~1e-2 there."""
     d = load_official(fname)
     dyn = _dyn(d, "exact")
-    T = lambda k: torch.from_numpy(d[k]).double()
+    def T(k):
+        return torch.from_numpy(d[k]).double()
     for mode in ("sde", "ode"):
         out = ref.sample_em(standin_net, dyn, T(f"traj_{mode}_zT"), T(f"traj_{mode}_noise"),
                             steps=int(d["traj_steps"]), eps=float(d["traj_eps"]), mode=mode)

@@ -72,7 +72,8 @@ def test_kill9_during_training_then_resume_is_bit_exact(tmp_path):
     rc, out, err = cli(*TRAIN, *steps, "--output_dir", b / "runs", "--resume", run_dir(b, "r"))
     assert rc == 0, err
     for name in ("model-final.pth", "ema_model-final.pth"):
-        full, resumed = weights(run_dir(tmp_path / "a", "r") / "model" / name), weights(run_dir(b, "r") / "model" / name)
+        full = weights(run_dir(tmp_path / "a", "r") / "model" / name)
+        resumed = weights(run_dir(b, "r") / "model" / name)
         assert full.keys() == resumed.keys()
         assert all(torch.equal(full[k], resumed[k]) for k in full)
     leftovers = [p for p in run_dir(b, "r").rglob("*") if p.name.endswith(".tmp")]
@@ -199,9 +200,12 @@ def test_training_stops_at_the_first_nan_and_keeps_the_last_state(tmp_path, monk
 
 def test_training_can_skip_nonfinite_steps(tmp_path, monkeypatch):
     original = Trainer.loss_on
-    monkeypatch.setattr(Trainer, "loss_on", lambda self, *a: original(self, *a) * (float("nan") if self.step == 2 else 1))
+    def loss_nan_at_step_2(self, *a):
+        return original(self, *a) * (float("nan") if self.step == 2 else 1)
+    monkeypatch.setattr(Trainer, "loss_on", loss_nan_at_step_2)
     res = train(TrainConfig(data_name="digits", model_channels=8, num_res_blocks=1, channel_mult="1,2",
-                            attn_resolutions="2", batch_size=8, train_steps=5, log_every_n_steps=1, val_check_interval=0,
+                            attn_resolutions="2", batch_size=8, train_steps=5, log_every_n_steps=1,
+                            val_check_interval=0,
                             device="cpu", progress=False, seed=1, output_dir=str(tmp_path), nonfinite="skip"))
     assert res.step == 5 and all(torch.isfinite(p).all() for p in res.model.parameters())
 
@@ -281,7 +285,8 @@ def test_resume_of_a_damaged_state_is_one_message(tmp_path):
     assert rc == 0, err
     state = run_dir(tmp_path, "d") / "train_state.pt"
     state.write_bytes(state.read_bytes()[:1000])                          # cut short
-    rc, _, err = cli(*TRAIN, "--train_steps", "4", "--output_dir", tmp_path / "runs", "--resume", run_dir(tmp_path, "d"))
+    rc, _, err = cli(*TRAIN, "--train_steps", "4", "--output_dir", tmp_path / "runs",
+                     "--resume", run_dir(tmp_path, "d"))
     assert rc == 2 and "damaged" in err and len(err.strip().splitlines()) == 1, err
 
 
@@ -289,7 +294,8 @@ def test_resume_applies_safe_flags_and_refuses_the_rest(tmp_path):
     rc, _, err = cli(*TRAIN, "--train_steps", "2", "--output_dir", tmp_path / "runs", "--wb_id", "s")
     assert rc == 0, err
     folder = run_dir(tmp_path, "s")
-    rc, _, err = cli(*TRAIN, "--train_steps", "3", "--lr", "5e-3", "--output_dir", tmp_path / "runs", "--resume", folder)
+    rc, _, err = cli(*TRAIN, "--train_steps", "3", "--lr", "5e-3", "--output_dir", tmp_path / "runs",
+                     "--resume", folder)
     assert rc == 0, err
     import json
     meta = json.loads((folder / "gfdm_run.json").read_text())

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from conftest import load_official, standin_net
 from gfdm_fast import Sampler, make_dynamics, ops
 from gfdm_fast.sampler import draw_labels, shard
+
+from conftest import load_official, standin_net
 
 FILES = ["fvp_H0.9_K3.npz", "fve_H0.9_K2.npz", "fvp_H0.5_K0.npz"]
 
@@ -33,7 +34,8 @@ def test_fused_sampler_reproduces_official_trajectories(fname, backend):
 @pytest.mark.parametrize("solver", ["em", "exp"])
 def test_same_seed_same_images_for_any_batch_size_and_backend(solver):
     dyn = make_dynamics("fvp", hurst=0.9, num_aug=2)
-    net = lambda x, s, y: torch.tanh(x) * (1 + y.float()[:, None, None, None] / 10)
+    def net(x, s, y):
+        return torch.tanh(x) * (1 + y.float()[:, None, None, None] / 10)
     runs = []
     for backend in ops.available_backends("cpu"):
         if solver == "exp" and backend not in ops.available_backends("cpu", "exp_step"):

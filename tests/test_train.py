@@ -13,6 +13,7 @@ import torch
 from gfdm_fast import checkpoint as ckpt
 from gfdm_fast import make_dynamics, reference
 from gfdm_fast.train import TrainConfig, train
+
 from conftest import standin_net
 
 TINY_NET = dict(model_channels=8, num_res_blocks=1, channel_mult="1,2", attn_resolutions="2", dropout=0.0)
@@ -55,10 +56,11 @@ def _log(run_dir):
 
 
 def test_loss_falls_and_official_layout(tmp_path, bars_npz):
-    """Loss (1.0 at init: the output layer starts at zero) falls by >= 35% in 40 steps (mean of the last 10 vs the first 5); files load strictly."""
+    """Loss (1.0 at init: the output layer starts at zero) falls by >= 35% in 40 steps (mean of the last 10
+    vs the first 5); files load strictly."""
     res = train(_cfg(tmp_path, bars_npz, train_steps=40, log_model_every_n=20, val_check_interval=40, val_steps=4,
                      val_samples=4))
-    losses = [l for _, l in _log(res.run_dir)]
+    losses = [loss for _, loss in _log(res.run_dir)]
     assert len(losses) == 40 and abs(losses[0] - 1.0) < 0.2
     assert np.mean(losses[-10:]) < 0.65 * np.mean(losses[:5]), losses
 
@@ -122,7 +124,7 @@ def test_ddp_two_processes_match_accumulation(tmp_path, bars_npz):
     ddp_dir = os.path.join(tmp_path, "ddp", "d_npz_H0.9_K3")
     l_ddp, l_one = _log(ddp_dir), _log(single.run_dir)
     assert [s for s, _ in l_ddp] == [1, 2, 3]
-    np.testing.assert_allclose([l for _, l in l_ddp], [l for _, l in l_one], rtol=1e-5)
+    np.testing.assert_allclose([loss for _, loss in l_ddp], [loss for _, loss in l_one], rtol=1e-5)
     ddp_sd = torch.load(os.path.join(ddp_dir, "model", "model-final.pth"), weights_only=True)
     torch.testing.assert_close(ddp_sd, single.model.state_dict(), rtol=1e-4, atol=1e-5)
 

@@ -13,10 +13,11 @@ import torch
 from gfdm_fast import make_dynamics, ops
 from gfdm_fast import reference as ref
 from gfdm_fast import schedule as S
-from gfdm_fast.philox import STREAM_EM, STREAM_PRIOR, STREAM_TRAIN, philox4x32, philox_normal
+from gfdm_fast.layout import STREAM_EM, STREAM_PRIOR, STREAM_TRAIN
+from gfdm_fast.philox import philox4x32, philox_normal
 
 triton = pytest.importorskip("triton")
-import triton.language as tl  # noqa: E402
+import triton.language as tl  # noqa: E402 (after the skip: triton is optional)
 
 from gfdm_fast.kernels import philox as kphilox  # noqa: E402
 
@@ -181,7 +182,8 @@ def test_prior_odd_size(K):
     shape = (3, 3, 11, 31)                                   # 1023 pixels: a ragged last block
     seeds = torch.tensor([3, -(2 ** 60), 2 ** 33], dtype=torch.int64)
     numel = 3 * 11 * 31
-    noise = torch.stack([philox_normal(seeds, 0, STREAM_PRIOR, numel, component=j).reshape(shape) for j in range(K + 1)])
+    noise = torch.stack([philox_normal(seeds, 0, STREAM_PRIOR, numel, component=j).reshape(shape)
+                         for j in range(K + 1)])
     z64, x64 = torch.empty(K + 1, *shape, dtype=torch.float64), torch.empty(shape, dtype=torch.float64)
     ref.prior_planar(z64, x64, p64, noise=noise.double())
     z32, x32 = torch.empty(K + 1, *shape), torch.empty(shape)

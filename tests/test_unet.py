@@ -15,8 +15,16 @@ import json
 import pytest
 import torch
 
-from gfdm_fast.models import (PRESETS, UNetConfig, UNetModel, autocast, compile_model,
-                              config_from_flags, set_sdpa, to_channels_last)
+from gfdm_fast.models import (
+    PRESETS,
+    UNetConfig,
+    UNetModel,
+    autocast,
+    compile_model,
+    config_from_flags,
+    set_sdpa,
+    to_channels_last,
+)
 from gfdm_fast.models.unet import GroupNorm32
 
 FLOOR = 1e-6   # relative to max|out|; float32 eps is 1.2e-7

@@ -13,9 +13,11 @@ from gfdm_fast.io import atomic_write_file
 
 def add_arguments(parser):
     parser.add_argument("--quick", action="store_true",
-                        help="accepted for symmetry with benchmarks/throughput.py: this command always runs the quick sizes")
+                        help="accepted for symmetry with benchmarks/throughput.py: "
+                             "this command always runs the quick sizes")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the rows as one JSON array here")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available, else cpu")
     parser.add_argument("--preset", nargs="+", choices=("mnist", "cifar10"), default=["mnist", "cifar10"])
     parser.add_argument("--num-aug", type=int, nargs="+", default=[0, 2, 3], help="K values (default 0 2 3)")
     parser.add_argument("--threads", type=int, default=None,

@@ -92,7 +92,7 @@ def run(args):
     t0 = time.perf_counter()
     res = train(cfg)
     t_train = time.perf_counter() - t0
-    first, last = res.losses[0][1], np.mean([l for _, l in res.losses[-3:]])
+    first, last = res.losses[0][1], np.mean([loss for _, loss in res.losses[-3:]])
     print(f"trained {res.step} steps in {t_train / 60:.1f} min (loss {first:.3f} -> {last:.3f}); "
           f"run folder {res.run_dir}")
 
@@ -130,7 +130,8 @@ def run(args):
     print(f"  generated      {nn_distance(x, real_test):.3f}")
     print(f"  real (train)   {nn_distance(real_train, real_test):.3f}   <- yardstick")
     print(f"  Gaussian noise {nn_distance(noise, real_test):.3f}")
-    print(f"  held-out -> generated {nn_distance(real_test, x):.3f} vs held-out -> real {nn_distance(real_test, real_train):.3f}"
+    print(f"  held-out -> generated {nn_distance(real_test, x):.3f} "
+          f"vs held-out -> real {nn_distance(real_test, real_train):.3f}"
           f"  (coverage: high means missing modes)")
     print(f"wrote {os.path.join(args.out, 'samples.png')} and {os.path.join(args.out, 'real.png')}")
     print("real 28x28 MNIST digits (FVP vs VP, judged by a digit classifier): python benchmarks/real_data.py, "

@@ -67,8 +67,16 @@ def _npz_labels(path):
 def run(args):
     import torch
 
-    from gfdm_fast.metrics.fid import (FIDAccumulator, compute_statistics, fid_from_stats, is_stats_file,
-                                       load_inception, load_stats, open_images, save_stats)
+    from gfdm_fast.metrics.fid import (
+        FIDAccumulator,
+        compute_statistics,
+        fid_from_stats,
+        is_stats_file,
+        load_inception,
+        load_stats,
+        open_images,
+        save_stats,
+    )
     from gfdm_fast.metrics.vendi import VendiAccumulator
 
     if args.batch_size < 1:

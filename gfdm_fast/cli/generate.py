@@ -55,7 +55,8 @@ def add_arguments(parser):
     o.add_argument("--device", default=OFFICIAL["device"],
                    help="check (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps (default check)")
     o.add_argument("--n_samples", type=int, default=OFFICIAL["n_samples"], help="number of images (default 20)")
-    o.add_argument("--batch_size", type=int, default=OFFICIAL["batch_size"], help="images per batch and process (default 10)")
+    o.add_argument("--batch_size", type=int, default=OFFICIAL["batch_size"],
+                   help="images per batch and process (default 10)")
     o.add_argument("--steps", type=int, default=OFFICIAL["steps"], help="sampling steps = NFE (default 1000)")
     o.add_argument("--mode", choices=("sde", "ode"), default=OFFICIAL["mode"], help="sde or ode (default sde)")
     for flag in ("wb_key", "wb_project", "wb_id", "name", "data_dir", "model_name", "dir_num", "wb_version", "pth",

@@ -68,7 +68,8 @@ def load_inception(dims=2048, inception_weights=None, device="cpu"):
         path = os.fspath(inception_weights)
         if not os.path.isfile(path):
             raise UserError(f"Inception weights file {path} not found: download pytorch-fid's FID Inception "
-                            f"weights {WEIGHTS_FILE} from {WEIGHTS_URL} and pass the file with --inception-weights FILE")
+                            f"weights {WEIGHTS_FILE} from {WEIGHTS_URL} and pass the file with "
+                            "--inception-weights FILE")
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # pickle, zip or torch format errors all mean "not a weights file"

@@ -144,7 +144,7 @@ class ArrayImages:
             except (ValueError, OSError) as err:
                 raise UserError(f"cannot read {self.path}: {err}") from None
             self.shape, self.dtype = arr.shape, arr.dtype
-        if len(self.shape) not in (3, 4) or not (self.dtype.kind in "uif"):
+        if len(self.shape) not in (3, 4) or self.dtype.kind not in "uif":
             raise UserError(f"{self.path}: array of shape {self.shape} and dtype {self.dtype} is not images "
                             f"(N, H, W, C) / (N, C, H, W), uint8 or float in [0, 1]")
         _nchw(np.empty((0,) + self.shape[1:], self.dtype), self.shape, self.path)  # channel check up front

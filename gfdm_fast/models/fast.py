@@ -111,7 +111,8 @@ class FastNetwork:
 
     def __init__(self, model, device, *, precision="fp32", compile=False, compile_mode=None, channels_last=False):
         self.model, self.device = model, device
-        self.precision, self.compile, self.compile_mode, self.channels_last = precision, compile, compile_mode, channels_last
+        self.precision, self.compile, self.compile_mode = precision, compile, compile_mode
+        self.channels_last = channels_last
         self._fn = model
         self._compiled_for = None
 
