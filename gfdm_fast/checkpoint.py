@@ -18,11 +18,14 @@ The engine's format is one dict::
 written atomically (``path.tmp`` then ``os.replace``), so a crash never leaves
 a half-written checkpoint under the final name.
 """
+from __future__ import annotations
+
 import dataclasses
 import functools
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 
@@ -54,7 +57,7 @@ class Checkpoint:
 
 # ----------------------------------------------------------------------------- state-dict helpers
 
-def strip_prefixes(state_dict):
+def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Remove leading ``module.`` / ``_orig_mod.`` (any nesting) from every key."""
     out = {}
     for k, v in state_dict.items():
@@ -86,7 +89,7 @@ def _unwrap_official(obj, path):
     return obj
 
 
-def shapes(state_dict):
+def shapes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in state_dict.items()}
 
 
@@ -97,7 +100,7 @@ def _preset_shapes(name):
     return shapes(net.state_dict())
 
 
-def infer_flags(state_dict):
+def infer_flags(state_dict: Mapping[str, torch.Tensor]) -> dict | None:
     """Read the official flags off tensor shapes; None when the layout is not recognised.
 
     Assumes the official defaults for what leaves no trace in the weights
@@ -161,7 +164,7 @@ def _fit_hint(state_dict):
     return text + " (plus your --image_size)."
 
 
-def check_fit(state_dict, config, path="checkpoint"):
+def check_fit(state_dict: Mapping[str, torch.Tensor], config: UNetConfig, path: str = "checkpoint") -> None:
     """Raise ``UserError`` unless ``state_dict`` has exactly the keys and shapes of ``config``'s network."""
     with torch.device("meta"):
         want = shapes(UNetModel(**config.to_kwargs()).state_dict())
@@ -225,7 +228,8 @@ def _torch_load(path, map_location, weights_only):
         raise UserError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
 
 
-def load(path, config=None, *, map_location="cpu", use_ema=None, weights_only=True):
+def load(path: str, config: UNetConfig | str | None = None, *, map_location: str | torch.device = "cpu",
+         use_ema: bool | None = None, weights_only: bool = True) -> Checkpoint:
     """Load an official or engine checkpoint into a ``UNetModel``.
 
     ``config``: a ``UNetConfig``, preset name or kwargs dict the weights must
@@ -308,7 +312,7 @@ def _unwrap_module(model):
     return model
 
 
-def dynamics_record(dynamics):
+def dynamics_record(dynamics: object) -> dict | None:
     """{name, hurst, num_aug, gamma_max, norm} from a dict, dataclass or object with those attributes."""
     if dynamics is None:
         return None
@@ -329,7 +333,9 @@ def dynamics_record(dynamics):
             "gamma_max": float(rec["gamma_max"]), "norm": bool(rec["norm"])}
 
 
-def save(path, model, config=None, *, dynamics=None, recipe="exact", ema=None, step=None, extra=None):
+def save(path: str, model: torch.nn.Module | Mapping[str, torch.Tensor], config: UNetConfig | None = None, *,
+         dynamics: object = None, recipe: str = "exact", ema: object = None, step: int | None = None,
+         extra: dict | None = None) -> str:
     """Write the engine format atomically; returns the path.
 
     ``model`` / ``ema``: modules (DDP / compiled wrappers are unwrapped) or

@@ -13,14 +13,19 @@ Two coefficient recipes (docs/design.md 'Coefficient recipes'):
   weight solve in float32, the FVP X-row from scipy's RK45 at default
   tolerances on [0, 1] (solved, normalised by VarX(1), solved again).
 """
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass
+from typing import Sequence, Union
 
 import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
 from gfdm_fast import mafbm
+
+TimeLike = Union[float, Sequence[float], np.ndarray, torch.Tensor]   # one time or many, in [0, T]
 
 DYNAMICS = ("fvp", "fve")
 RECIPES = ("exact", "official")
@@ -70,7 +75,8 @@ class Dynamics:
 
     name = None
 
-    def __init__(self, *, hurst, num_aug, gamma_max=20.0, T=1.0, norm=True, recipe="exact", pd_eps=PD_EPS):
+    def __init__(self, *, hurst: float, num_aug: int, gamma_max: float = 20.0, T: float = 1.0, norm: bool = True,
+                 recipe: str = "exact", pd_eps: float = PD_EPS) -> None:
         self.hurst = mafbm.check_hurst(hurst)
         self.num_aug = mafbm.check_num_aug(num_aug)
         if recipe not in RECIPES:
@@ -108,18 +114,18 @@ class Dynamics:
             self._ode = self._solve_official_ode()
 
     @property
-    def gamma(self):
+    def gamma(self) -> torch.Tensor:
         return torch.from_numpy(self._gamma.copy())
 
     @property
-    def omega(self):
+    def omega(self) -> torch.Tensor:
         return torch.from_numpy(self._omega.copy())
 
     @property
-    def sum_omega(self):
+    def sum_omega(self) -> float:
         return self._sum_omega
 
-    def config(self):
+    def config(self) -> dict:
         """The settings that identify this process (what checkpoints record)."""
         return {"name": self.name, "hurst": self.hurst, "num_aug": self.num_aug,
                 "gamma_max": self.gamma_max, "T": self.T, "norm": self.norm, "recipe": self.recipe}
@@ -149,16 +155,16 @@ class Dynamics:
         raise NotImplementedError
 
     # -- public schedule -------------------------------------------------------
-    def mu(self, t):
+    def mu(self, t: TimeLike) -> torch.Tensor:
         return torch.from_numpy(self._mu(_as_t(t, self.T)))
 
-    def g(self, t):
+    def g(self, t: TimeLike) -> torch.Tensor:
         return torch.from_numpy(self._g(_as_t(t, self.T)))
 
-    def mean_scale(self, t):
+    def mean_scale(self, t: TimeLike) -> torch.Tensor:
         return torch.from_numpy(np.exp(self._log_c(_as_t(t, self.T))))
 
-    def F(self, t):
+    def F(self, t: TimeLike) -> torch.Tensor:
         """Drift matrix, (n, K+1, K+1)."""
         t = _as_t(t, self.T)
         K = self.num_aug
@@ -169,7 +175,7 @@ class Dynamics:
             F[:, range(1, K + 1), range(1, K + 1)] = -self._gamma[None, :]
         return torch.from_numpy(F)
 
-    def G(self, t):
+    def G(self, t: TimeLike) -> torch.Tensor:
         """Diffusion vector, (n, K+1)."""
         t = _as_t(t, self.T)
         G = np.ones((t.size, self.num_aug + 1))
@@ -183,12 +189,12 @@ class Dynamics:
         return (f"{self.name.upper()} H={self.hurst} K={self.num_aug} ({self.recipe} recipe): {what}; "
                 f"the MA-fBM weights are too ill-conditioned at this K: {fix}")
 
-    def cov(self, t):
+    def cov(self, t: TimeLike) -> torch.Tensor:
         """Sigma(t) of Z given x0, no regularisation, (n, K+1, K+1) float64."""
         return torch.from_numpy(self._cov(_as_t(t, self.T)))
 
-    def marginal_stats(self, t):
-        """Regularised statistics (docs/design.md 'Conditional statistics'), vectorised over t."""
+    def marginal_stats(self, t: TimeLike) -> MarginalStats:
+        """Regularised statistics (docs/design.md, 'Conditional statistics'), vectorised over t."""
         t = _as_t(t, self.T)
         uniq, inverse = np.unique(t, return_inverse=True)
         if uniq.size < t.size:  # e.g. one time per batch element, all equal
@@ -427,7 +433,7 @@ def _phi1_prime(x):
     return np.where(small, 0.5 + x / 3, (np.exp(safe) * safe - np.expm1(safe)) / safe ** 2)
 
 
-def tight_xrow(dyn: Dynamics, t, rtol=1e-13):
+def tight_xrow(dyn: Dynamics, t: TimeLike, rtol: float = 1e-13) -> np.ndarray:
     """Validation only: (Var X, Cov(X, Y)) at times t from the X-row ODE solved by DOP853 at ``rtol``
     (the much tighter solve the exact recipe is checked against), shape (K+1, n)."""
     y0 = np.zeros(dyn.num_aug + 1)
@@ -436,7 +442,8 @@ def tight_xrow(dyn: Dynamics, t, rtol=1e-13):
                      t_eval=np.asarray(t, np.float64)).y
 
 
-def make_dynamics(name, *, hurst, num_aug, gamma_max=20.0, T=1.0, norm=True, recipe="exact", pd_eps=PD_EPS):
+def make_dynamics(name: str, *, hurst: float, num_aug: int, gamma_max: float = 20.0, T: float = 1.0, norm: bool = True,
+                  recipe: str = "exact", pd_eps: float = PD_EPS) -> Dynamics:
     """Build a GFDM forward process: ``name`` in {'fvp', 'fve'}; num_aug = 0 is the plain VP/VE SDE."""
     classes = {"fvp": FVP, "fve": FVE}
     key = str(name).lower()

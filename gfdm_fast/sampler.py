@@ -6,8 +6,11 @@ seed only: not on batch size, backend or number of processes. Batches stream
 to the caller (``iter_batches``), so peak memory is one batch whatever the
 number of images or steps.
 """
+from __future__ import annotations
+
 import math
 import time
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -28,7 +31,7 @@ def _model_device(model):
     return torch.device("cpu")
 
 
-def draw_labels(seeds, num_classes):
+def draw_labels(seeds: torch.Tensor, num_classes: int | None) -> torch.Tensor | None:
     """One label per image from its seed (Philox stream 4): independent of batching."""
     seeds = seeds.to("cpu", torch.int64)
     zero = torch.zeros_like(seeds)
@@ -84,10 +87,12 @@ class Sampler:
     (the whole step, network + fused update, captured once per batch shape and replayed).
     """
 
-    def __init__(self, dyn: Dynamics, model, *, steps=1000, mode="sde", eps=1e-3, time_weight=999.0,
-                 backend="auto", solver="em", device=None, precision="fp32", compile=False,
-                 compile_mode=None, cuda_graphs=False, channels_last=False, num_classes=None, progress=False,
-                 order=None, grid=None, denoise=False):
+    def __init__(self, dyn: Dynamics, model: Callable, *, steps: int = 1000, mode: str = "sde", eps: float = 1e-3,
+                 time_weight: float = 999.0, backend: str = "auto", solver: str = "em",
+                 device: str | torch.device | None = None, precision: str = "fp32", compile: bool = False,
+                 compile_mode: str | None = None, cuda_graphs: bool = False, channels_last: bool = False,
+                 num_classes: int | None = None, progress: bool = False, order: int | None = None,
+                 grid: str | None = None, denoise: bool = False) -> None:
         if not isinstance(dyn, Dynamics):
             raise ValueError("dyn must be a Dynamics from gfdm_fast.make_dynamics")
         if solver not in SOLVERS:
@@ -129,7 +134,7 @@ class Sampler:
         self._graphs = {}
 
     @property
-    def nfe(self):
+    def nfe(self) -> int:
         return self.steps + int(self.denoise)
 
     def _step(self, z, x_in, hist, n, labels, seeds, noise=None):
@@ -146,7 +151,7 @@ class Sampler:
             return None
         return torch.zeros((max(self.table.order - 1, 1), *x_in.shape), dtype=x_in.dtype, device=x_in.device)
 
-    def finish(self, z, x_in, labels=None):
+    def finish(self, z: torch.Tensor, x_in: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The output image of a finished run: X, or Tweedie's denoised estimate (one more network call)."""
         if not self.denoise:
             return z[0]
@@ -156,7 +161,9 @@ class Sampler:
 
     # -- loops --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, z, x_in, labels=None, seeds=None, noise=None, *, progress=None):
+    def run(self, z: torch.Tensor, x_in: torch.Tensor, labels: torch.Tensor | None = None,
+            seeds: torch.Tensor | None = None, noise: torch.Tensor | None = None, *,
+            progress: Callable[[int], object] | None = None) -> torch.Tensor:
         """The step loop on a prepared planar state ``z`` (K+1, B, C, H, W) and first input ``x_in``.
 
         ``noise`` (B, steps+1, C, H, W) in the official layout (``noise[:, n+1]`` at step n) replaces
@@ -219,7 +226,9 @@ class Sampler:
         return None
 
     @torch.no_grad()
-    def iter_batches(self, num, shape, *, seed=0, labels=None, batch_size=None, start=0, indices=None):
+    def iter_batches(self, num: int, shape: tuple[int, int, int], *, seed: int = 0,
+                     labels: torch.Tensor | Sequence[int] | None = None, batch_size: int | None = None, start: int = 0,
+                     indices: Sequence[int] | None = None) -> Iterator[tuple[list, torch.Tensor, torch.Tensor | None]]:
         """Yield ``(indices, images, labels)`` batch by batch: images (b, C, H, W) float32 X components.
 
         ``indices`` (a range or list of image indices) restricts the run to a shard; by default
@@ -274,7 +283,8 @@ class Sampler:
             if bar is not None:
                 bar.close()
 
-    def sample(self, num, shape, *, seed=0, labels=None, batch_size=None):
+    def sample(self, num: int, shape: tuple[int, int, int], *, seed: int = 0,
+               labels: torch.Tensor | Sequence[int] | None = None, batch_size: int | None = None) -> torch.Tensor:
         """``num`` images of ``shape`` (C, H, W) as float32 (num, C, H, W): the X component."""
         out = None
         for chunk, x, _ in self.iter_batches(num, shape, seed=seed, labels=labels, batch_size=batch_size):
@@ -284,7 +294,7 @@ class Sampler:
         return out
 
 
-def shard(num, rank, world):
+def shard(num: int, rank: int, world: int) -> range:
     """The contiguous block of image indices of process ``rank`` out of ``world``."""
     per = math.ceil(num / world)
     return range(min(num, rank * per), min(num, (rank + 1) * per))

@@ -171,7 +171,7 @@ def test_autocast_against_plain_half_precision(dtype):
     assert rel_err(out, ref) <= 2 * plain_err + FLOOR
 
 
-def test_groupnorm_statistics_in_float32_under_autocast():
+def test_groupnorm_statistics_in_float32_under_autocast(seed):
     gn = GroupNorm32(8, 32)
     with torch.no_grad():
         gn.weight.normal_()

@@ -11,10 +11,13 @@ pytorch-fid's ``.npz`` (``mu``, ``sigma``), readable by either tool.
 
 Image sources and their checks are in ``metrics.images`` (``open_images``, ``as_unit_images``).
 """
+from __future__ import annotations
+
 import contextlib
 import math
 import os
 import zipfile
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -54,7 +57,8 @@ def _fid_weights_from(state_dict):
         _pfid_inception.load_state_dict_from_url = saved
 
 
-def load_inception(dims=2048, inception_weights=None, device="cpu"):
+def load_inception(dims: int = 2048, inception_weights: str | None = None,
+                   device: str | torch.device = "cpu") -> torch.nn.Module:
     """pytorch-fid's ``InceptionV3`` for ``dims`` features, in eval mode on ``device``.
 
     Weights: the file ``inception_weights`` (a state dict of pytorch-fid's FID
@@ -95,7 +99,7 @@ def load_inception(dims=2048, inception_weights=None, device="cpu"):
     return model.eval().requires_grad_(False).to(device)
 
 
-def inception_features(model, images):
+def inception_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """(B, dims) features as pytorch-fid's ``get_activations`` takes them (spatial mean below pool3)."""
     with torch.no_grad():
         f = model(images)[0]
@@ -117,7 +121,8 @@ class FIDAccumulator:
     ``fid_from_stats(*acc.stats(), *load_stats(ref))``.
     """
 
-    def __init__(self, dims=2048, device=None, inception_weights=None, model=None, extractor=None):
+    def __init__(self, dims: int = 2048, device: str | torch.device | None = None, inception_weights: str | None = None,
+                 model: torch.nn.Module | None = None, extractor: Callable | None = None) -> None:
         self.dims = dims
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if extractor is None:        # Inception, as pytorch-fid; any images -> (B, dims) callable plugs in instead
@@ -129,13 +134,13 @@ class FIDAccumulator:
         self.sum_f = torch.zeros(dims, dtype=torch.float64, device=stat_device)
         self.sum_ff = torch.zeros(dims, dims, dtype=torch.float64, device=stat_device)
 
-    def update(self, images, what="images"):
+    def update(self, images: torch.Tensor | np.ndarray, what: str = "images") -> None:
         """Add a batch (B, C, H, W), uint8 or float in [0, 1] (clipped), C in {1, 3}."""
         x = as_unit_images(images, what).to(self.device)
         with torch.no_grad():
             self.update_features(self.extractor(x))
 
-    def update_features(self, features):
+    def update_features(self, features: torch.Tensor) -> None:
         f = features.to(self.sum_f.device, torch.float64)
         if f.dim() != 2 or f.shape[1] != self.dims:
             raise UserError(f"features of shape {tuple(f.shape)}; expected (B, {self.dims})")
@@ -143,7 +148,7 @@ class FIDAccumulator:
         self.sum_ff.addmm_(f.T, f)
         self.count += f.shape[0]
 
-    def all_reduce(self):
+    def all_reduce(self) -> None:
         """Sum over ranks when torch.distributed is initialised (call once, after the last update)."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
@@ -152,7 +157,7 @@ class FIDAccumulator:
             torch.distributed.all_reduce(t)
         self.count = int(n.item())
 
-    def stats(self):
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
         """(mu, sigma) as numpy float64; sigma is unbiased, as ``np.cov(rowvar=False)``."""
         n = self.count
         if n < 2:
@@ -165,7 +170,7 @@ class FIDAccumulator:
         return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
-def fid_from_stats(mu1, sigma1, mu2, sigma2):
+def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Frechet distance by pytorch-fid's own ``calculate_frechet_distance``."""
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     if mu1.shape != mu2.shape or np.shape(sigma1) != np.shape(sigma2):
@@ -182,7 +187,7 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2):
     return value
 
 
-def load_stats(path):
+def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) from a pytorch-fid statistics ``.npz``."""
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -201,13 +206,14 @@ def load_stats(path):
     return mu, sigma
 
 
-def save_stats(path, mu, sigma):
+def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
     """Write pytorch-fid's ``.npz`` (``mu``, ``sigma``) atomically."""
     from gfdm_fast.io import atomic_write_file
     atomic_write_file(os.fspath(path), lambda f: np.savez_compressed(f, mu=mu, sigma=sigma))
 
 
-def compute_statistics(images, accumulator, batch_size=50, num_workers=0, extra=(), progress=False):
+def compute_statistics(images: object, accumulator: FIDAccumulator, batch_size: int = 50, num_workers: int = 0,
+                       extra: Sequence = (), progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Stream an image source (``open_images``) through ``accumulator`` and ``extra`` accumulators."""
     batches = images.batches(batch_size, num_workers)
     if progress:
