@@ -32,8 +32,15 @@ from gfdm_fast import schedule as S
 from gfdm_fast.dynamics import Dynamics
 
 GRIDS = ("blend", "logsnr", "power", "uniform")
-DEFAULT_GRID, DEFAULT_ORDER = "blend", 2   # chosen on the oracle test bed (benchmarks/oracle_error.py)
-DEFAULT_CORRECTOR, DEFAULT_LOWER_FINAL, DEFAULT_RHO, DEFAULT_SIGMA_DATA = False, False, 2.0, 0.0
+# build_exp_table's keyword defaults: the plain multistep solver (no corrector, no Gaussian split)
+DEFAULT_GRID, DEFAULT_ORDER = "blend", 2
+DEFAULT_CORRECTOR, DEFAULT_LOWER_FINAL, DEFAULT_SIGMA_DATA = False, False, 0.0
+# what Sampler / generate use when a knob is not given: chosen on the oracle test bed at 10-20 NFE (issue 13,
+# benchmarks/oracle_error.py); VP (K = 0) and the fractional dynamics (K >= 1) differ in the grid that wins
+MEASURED_DEFAULTS = {
+    "vp": dict(order=3, grid="power", rho=3.0, corrector=True, lower_final=False, sigma_data=0.0),
+    "fractional": dict(order=3, grid="logsnr", rho=2.0, corrector=True, lower_final=False, sigma_data=0.5),
+}
 
 
 EXP_FIXED = 2   # p, q of the data prediction d = p x_in + q e
@@ -164,12 +171,16 @@ def _safe_cholesky(S):
     return L * sign[None, :]
 
 
-def solver_options(dyn: Dynamics, steps, mode, *, order=None, grid=None, rho=None, corrector=None, lower_final=None):
+def solver_options(dyn: Dynamics, steps, mode, *, order=None, grid=None, rho=None, corrector=None, lower_final=None,
+                   sigma_data=None):
     """The exp solver's knobs with every ``None`` replaced by the default (chosen on the oracle test bed)."""
-    opts = dict(order=DEFAULT_ORDER if order is None else int(order), grid=DEFAULT_GRID if grid is None else grid,
-                rho=DEFAULT_RHO if rho is None else float(rho),
-                corrector=DEFAULT_CORRECTOR if corrector is None else bool(corrector),
-                lower_final=DEFAULT_LOWER_FINAL if lower_final is None else bool(lower_final))
+    given = dict(order=order, grid=grid, rho=rho, corrector=corrector, lower_final=lower_final, sigma_data=sigma_data)
+    opts = dict(MEASURED_DEFAULTS["vp" if dyn.num_aug == 0 else "fractional"])
+    opts.update({k: v for k, v in given.items() if v is not None})
+    opts = dict(order=int(opts["order"]), grid=opts["grid"], rho=float(opts["rho"]), corrector=bool(opts["corrector"]),
+                lower_final=bool(opts["lower_final"]), sigma_data=float(opts["sigma_data"]))
+    if not opts["sigma_data"] >= 0:
+        raise ValueError(f"sigma_data must be >= 0, got {opts['sigma_data']!r}")
     if opts["grid"] not in GRIDS:
         raise ValueError(f"unknown grid {opts['grid']!r}: choose one of {', '.join(GRIDS)}")
     if not opts["rho"] > 0:
@@ -188,7 +199,7 @@ def _step_orders(steps, order, lower_final):
 
 def build_exp_table(dyn: Dynamics, steps, *, mode="ode", order=DEFAULT_ORDER, eps=1e-3, grid=DEFAULT_GRID, rho=2.0,
                     corrector=DEFAULT_CORRECTOR, lower_final=DEFAULT_LOWER_FINAL, sigma_data=DEFAULT_SIGMA_DATA,
-                    time_weight=999.0, substeps=64,
+                    time_weight=999.0, substeps=None,
                     predict="x0", device="cpu", dtype=torch.float32):
     """The exponential-integrator step table (see module docstring for the row layout).
 
@@ -206,6 +217,8 @@ def build_exp_table(dyn: Dynamics, steps, *, mode="ode", order=DEFAULT_ORDER, ep
     if predict not in ("x0", "eps"):
         raise ValueError(f"unknown predict {predict!r}: choose 'x0' or 'eps'")
     t = time_grid(dyn, steps, eps=eps, grid=grid, rho=rho)
+    if substeps is None:                                     # ~640 frozen-generator pieces over the whole run
+        substeps = max(8, -(-640 // steps))
     K = dyn.num_aug
     K1 = K + 1
     m = 0.5 if mode == "ode" else 1.0

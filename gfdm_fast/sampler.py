@@ -50,7 +50,8 @@ class Sampler:
     def __init__(self, dyn: Dynamics, model, *, steps=1000, mode="sde", eps=1e-3, time_weight=999.0,
                  backend="auto", solver="em", device=None, precision="fp32", compile=False,
                  compile_mode=None, cuda_graphs=False, channels_last=False, num_classes=None, progress=False,
-                 order=None, grid=None, rho=None, corrector=None, lower_final=None, denoise=False):
+                 order=None, grid=None, rho=None, corrector=None, lower_final=None, sigma_data=None,
+                 denoise=False):
         if not isinstance(dyn, Dynamics):
             raise ValueError("dyn must be a Dynamics from gfdm_fast.make_dynamics")
         if solver not in SOLVERS:
@@ -66,13 +67,14 @@ class Sampler:
             raise ValueError("cuda_graphs needs a CUDA device")
         self.backend = ops.resolve_backend(backend, self.device, "em_step" if solver == "em" else "exp_step")
         if solver == "em":
-            if any(v is not None for v in (order, grid, rho, corrector, lower_final)) or denoise:
-                raise ValueError("order, grid, rho, corrector, lower_final and denoise belong to solver='exp'")
+            if any(v is not None for v in (order, grid, rho, corrector, lower_final, sigma_data)) or denoise:
+                raise ValueError("order, grid, rho, corrector, lower_final, sigma_data and denoise belong to solver='exp'")
             self.table = S.build_em_table(dyn, steps, mode=mode, eps=eps, time_weight=time_weight, device=self.device)
         else:
             from gfdm_fast import expint
             self.solver_options = expint.solver_options(dyn, steps, mode, order=order, grid=grid, rho=rho,
-                                                        corrector=corrector, lower_final=lower_final)
+                                                        corrector=corrector, lower_final=lower_final,
+                                                        sigma_data=sigma_data)
             self.table = expint.build_exp_table(dyn, steps, mode=mode, eps=eps, time_weight=time_weight,
                                                 device=self.device, **self.solver_options)
             if denoise:

@@ -101,6 +101,8 @@ def add_arguments(parser):
                    help="--solver exp: UniPC-style corrector (no extra network call)")
     e.add_argument("--lower-final", dest="lower_final", type=parse_bool, nargs="?", const=True, default=None,
                    help="--solver exp: lower order on the last steps")
+    e.add_argument("--sigma-data", dest="sigma_data", type=float, default=None,
+                   help="--solver exp: data std of the Gaussian part of the denoiser integrated exactly (0: off)")
     # -- end exp solver knobs --
     e.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="network precision; the state stays float32 (default fp32)")
@@ -709,7 +711,7 @@ def run(args):
     try:
         sampler = Sampler(dyn, model, steps=args.steps, mode=args.mode, time_weight=src.time_weight,
                           backend=args.backend, solver=args.solver, order=args.order, grid=args.grid, rho=args.rho,
-                          corrector=args.corrector, lower_final=args.lower_final,
+                          corrector=args.corrector, lower_final=args.lower_final, sigma_data=args.sigma_data,
                           device=device, precision=args.precision, compile=args.compile,
                           cuda_graphs=args.cuda_graphs, num_classes=config.num_classes,
                           progress=args.progress and dist.rank == 0)
