@@ -1,16 +1,17 @@
 """W1 versus steps on the Gaussian-mixture oracle test bed: Euler-Maruyama against the exponential integrator.
 
-    python benchmarks/oracle_error.py [--quick] [--json PATH] [--plot PATH] [--threads N]
+    python benchmarks/oracle_error.py [--quick] [--steps 5,10,..] [--no-bf16] [--json PATH] [--plot PATH] [--threads N]
 
 Per-pixel i.i.d. data from gfdm_fast.oracle.GaussianMixture; the network is its closed-form optimal
 epsilon predictor (MixtureOracle), so the error left is the sampler's own (discretisation, float32
 state) plus the Monte-Carlo error of the 1-D Wasserstein distance W1 between the samples and a
 large target sample (the `floor` line: W1 between two independent mixture samples of these sizes).
-Rows: FVP H0.9 K2 and K3, FVE H0.7 K2, VP (FVP K0, hurst 0.5); sde and ode; solver "em" (the
-official Euler-Maruyama on the official linspace grid) and "exp" (gfdm_fast.expint, default order
-and grid); steps 10, 20, 35, 50, 100, 1000; plus the oracle's output rounded to bf16 (what a bf16
-network does near t = 0, where e / sigma_c amplifies errors) at a few step counts.
-Issue 9's targets for "exp": ode W1 <= 0.04 at 20 steps and <= 0.02 at 50; sde <= 0.02 at 50.
+Rows: VP (FVP K0, hurst 0.5), FVP H0.9 K2/K3, FVP H0.7 K2, FVP H0.8 K4, FVE H0.7 K2, FVE H0.9 K3; sde and
+ode; solver "em" (the official Euler-Maruyama on the official linspace grid) and "exp" (gfdm_fast.expint
+with its defaults); NFE 5, 10, 15, 20, 35, 50, 100, 1000; plus the oracle's output rounded to bf16 (what a
+bf16 network does near t = 0, where e / sigma_c amplifies errors) at a few step counts.
+Issue 13's targets for "exp" (W1 x 1e3): VP <= 15 at 10 NFE and <= 6 at 20; fractional <= 30 and <= 15.
+The last block printed is README's few-step table (W1 x 1e3).
 """
 import argparse
 import datetime
@@ -26,18 +27,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gfdm_fast import Sampler, make_dynamics
 from gfdm_fast.oracle import GaussianMixture, MixtureOracle, w1
 
-DYNAMICS = [  # label, name, hurst, K
+DYNAMICS = [  # label, name, hurst, K: issue 13's table
+    ("VP (K = 0)", "fvp", 0.5, 0),
     ("FVP H0.9 K2", "fvp", 0.9, 2),
     ("FVP H0.9 K3", "fvp", 0.9, 3),
+    ("FVP H0.7 K2", "fvp", 0.7, 2),
+    ("FVP H0.8 K4", "fvp", 0.8, 4),
     ("FVE H0.7 K2", "fve", 0.7, 2),
-    ("VP K0", "fvp", 0.5, 0),
+    ("FVE H0.9 K3", "fve", 0.9, 3),
 ]
 MODES = ("sde", "ode")
 SOLVERS = ("em", "exp")
-FULL = dict(steps=(10, 20, 35, 50, 100, 1000), bf16_steps=(20, 50, 100), images=20, target=400_000)
-QUICK = dict(steps=(10, 20, 50, 100), bf16_steps=(20, 50), images=2, target=100_000)
+FULL = dict(steps=(5, 10, 15, 20, 35, 50, 100, 1000), bf16_steps=(20, 50, 100), images=32, target=400_000)
+QUICK = dict(steps=(5, 10, 20, 50), bf16_steps=(20,), images=2, target=100_000)
 SHAPE = (1, 32, 32)
-TARGETS = {("ode", 20): 0.04, ("ode", 50): 0.02, ("sde", 50): 0.02}   # issue 9, solver "exp"
+# issue 13, solver "exp" with its defaults, W1 x 1e3: (VP, fractional) bounds at 10 and 20 NFE
+TARGETS = {10: (0.015, 0.030), 20: (0.006, 0.015)}
 
 
 def sample_w1(dyn, oracle, steps, mode, solver, images, target):
@@ -83,14 +88,29 @@ def format_table(rows, floor):
 
 
 def check_targets(rows):
-    """Issue 9's targets for the exponential integrator (fp32 oracle), one line per dynamics and target."""
+    """Issue 13's targets for the exponential integrator (fp32 oracle), one line per dynamics, mode and NFE."""
     lines = []
-    for (mode, steps), bound in TARGETS.items():
+    for steps, (vp, frac) in TARGETS.items():
         for r in rows:
-            if r["solver"] == "exp" and r["oracle"] == "fp32" and r["mode"] == mode and r["steps"] == steps:
+            if r["solver"] == "exp" and r["oracle"] == "fp32" and r["steps"] == steps:
+                bound = vp if r["K"] == 0 else frac
                 ok = "meets" if r["w1"] <= bound else "MISSES"
-                lines.append(f"exp {mode} {steps:3d} steps {r['dynamics']:12s} W1 {r['w1']:.4f} <= {bound}: {ok}")
+                lines.append(f"exp {r['mode']} {steps:3d} NFE {r['dynamics']:12s} W1 {r['w1']:.4f} <= {bound}: {ok}")
     return "\n".join(lines)
+
+
+def markdown_table(rows):
+    """README's few-step table: W1 x 1e3 per dynamics, mode and solver (fp32 oracle); columns: NFE."""
+    steps = sorted({r["steps"] for r in rows})
+    out = ["| dynamics | mode | solver | " + " | ".join(map(str, steps)) + " NFE |",
+           "| --- | --- | --- | " + " | ".join("---" for _ in steps) + " |"]
+    keys = list(dict.fromkeys((r["dynamics"], r["mode"], r["solver"]) for r in rows if r["oracle"] == "fp32"))
+    for k in keys:
+        by = {r["steps"]: r["w1"] for r in rows
+              if (r["dynamics"], r["mode"], r["solver"]) == k and r["oracle"] == "fp32"}
+        out.append(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(f"{1e3 * by[s]:.3g}" if s in by else "" for s in steps)
+                   + " |")
+    return "\n".join(out)
 
 
 # ---- plot: W1 against steps, log-log, one panel per dynamics (PIL) --------------------------------------
@@ -160,11 +180,17 @@ def main(argv=None):
     p.add_argument("--json", type=Path, default=None, help="write the rows as one JSON array here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG plot of W1 against steps here")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--steps", default=None, help="comma-separated NFE list instead of the preset's")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16-rounded oracle rows")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    cfg = QUICK if args.quick else FULL
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.steps:
+        cfg["steps"] = tuple(int(v) for v in args.steps.split(","))
+    if not args.bf16:
+        cfg["bf16_steps"] = ()
     t0 = time.perf_counter()
     print(f"oracle test bed, torch {torch.__version__}, {datetime.date.today().isoformat()}, "
           f"{'--quick' if args.quick else 'full'}", flush=True)
@@ -173,6 +199,8 @@ def main(argv=None):
     print(format_table(rows, floor))
     print()
     print(check_targets(rows))
+    print()
+    print(markdown_table(rows))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

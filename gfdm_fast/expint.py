@@ -33,7 +33,15 @@ from gfdm_fast.dynamics import Dynamics
 from gfdm_fast.layout import exp_offsets, exp_row_width
 
 GRIDS = ("blend", "logsnr", "power", "uniform")
-DEFAULT_GRID, DEFAULT_ORDER = "blend", 2   # chosen on the oracle test bed (benchmarks/oracle_error.py)
+# build_exp_table's keyword defaults: the plain multistep solver (no corrector, no Gaussian split)
+DEFAULT_GRID, DEFAULT_ORDER = "blend", 2
+DEFAULT_CORRECTOR, DEFAULT_LOWER_FINAL, DEFAULT_SIGMA_DATA = False, False, 0.0
+# what Sampler / generate use when a knob is not given: chosen on the oracle test bed at 10-20 NFE (issue 13,
+# benchmarks/oracle_error.py); VP (K = 0) and the fractional dynamics (K >= 1) differ in the grid that wins
+MEASURED_DEFAULTS = {
+    "vp": dict(order=3, grid="power", rho=3.0, corrector=True, lower_final=False, sigma_data=0.0),
+    "fractional": dict(order=3, grid="logsnr", rho=2.0, corrector=True, lower_final=False, sigma_data=0.5),
+}
 
 
 def time_grid(dyn: Dynamics, steps, *, eps=1e-3, grid="logsnr", rho=2.0):
@@ -63,7 +71,7 @@ def time_grid(dyn: Dynamics, steps, *, eps=1e-3, grid="logsnr", rho=2.0):
     raise ValueError(f"unknown grid {grid!r}: choose one of {', '.join(GRIDS)}")
 
 
-def _generator(dyn, t, m, predict="eps"):
+def _generator(dyn, t, m, predict="eps", sigma_data=0.0):
     """A(t) (n, K+1, K+1), b(t) (n, K+1), G(t) (n, K+1) in float64.
 
     ``predict="x0"``: the network term is written through the data prediction
@@ -81,9 +89,18 @@ def _generator(dyn, t, m, predict="eps"):
     sig = st.sigma_c.numpy()
     b = m * G * (np.einsum("ni,ni->n", G, one_alpha) / sig)[:, None]
     if predict == "x0":
+        c = st.mean_scale.numpy()
         A = A + b[:, :, None] * one_alpha[:, None, :] / sig[:, None, None]
-        b = -b * (st.mean_scale.numpy() / sig)[:, None]
+        b = -b * (c / sig)[:, None]
+        # the Gaussian part of the denoiser, k x_in (k = c s^2 / (c^2 s^2 + sigma_c^2), s = sigma_data), joins A too
+        A = A + b[:, :, None] * one_alpha[:, None, :] * gauss_gain(c, sig, sigma_data)[:, None, None]
     return A, b, G
+
+
+def gauss_gain(c, sig, sigma_data):
+    """E[x0 | x_in] = k x_in for data N(0, sigma_data^2): the part of the data prediction taken exactly."""
+    s2 = float(sigma_data) ** 2
+    return c * s2 / (c * c * s2 + sig * sig)
 
 
 def _lagrange(nodes, x):
@@ -97,7 +114,7 @@ def _lagrange(nodes, x):
     return out
 
 
-def step_coefficients(dyn, t_hi, t_lo, nodes, m, *, substeps=64, noise=False, predict="eps"):
+def step_coefficients(dyn, t_hi, t_lo, nodes, m, *, substeps=64, noise=False, predict="eps", sigma_data=0.0):
     """Phi(t_lo, t_hi), weights w_j (for e at ``nodes``) and the noise covariance of one step (float64)."""
     K1 = dyn.num_aug + 1
     p = len(nodes)
@@ -105,7 +122,7 @@ def step_coefficients(dyn, t_hi, t_lo, nodes, m, *, substeps=64, noise=False, pr
     edges = np.geomspace(t_hi, t_lo, substeps + 1)
     mids = np.sqrt(edges[:-1] * edges[1:])
     dr = edges[:-1] - edges[1:]                              # positive: reversed time
-    A, b, G = _generator(dyn, mids, m, predict)
+    A, b, G = _generator(dyn, mids, m, predict, sigma_data)
     ell = _lagrange(nodes, mids)                             # (M, p)
     # reversed time: dZ/dr = -A Z - b e
     n = K1 + p
@@ -147,43 +164,101 @@ def _safe_cholesky(S):
     return L * sign[None, :]
 
 
+def solver_options(dyn: Dynamics, steps, mode, *, order=None, grid=None, rho=None, corrector=None, lower_final=None,
+                   sigma_data=None):
+    """The exp solver's knobs with every ``None`` replaced by the default (chosen on the oracle test bed)."""
+    given = dict(order=order, grid=grid, rho=rho, corrector=corrector, lower_final=lower_final, sigma_data=sigma_data)
+    opts = dict(MEASURED_DEFAULTS["vp" if dyn.num_aug == 0 else "fractional"])
+    opts.update({k: v for k, v in given.items() if v is not None})
+    opts = dict(order=int(opts["order"]), grid=opts["grid"], rho=float(opts["rho"]), corrector=bool(opts["corrector"]),
+                lower_final=bool(opts["lower_final"]), sigma_data=float(opts["sigma_data"]))
+    if not opts["sigma_data"] >= 0:
+        raise ValueError(f"sigma_data must be >= 0, got {opts['sigma_data']!r}")
+    if opts["grid"] not in GRIDS:
+        raise ValueError(f"unknown grid {opts['grid']!r}: choose one of {', '.join(GRIDS)}")
+    if not opts["rho"] > 0:
+        raise ValueError(f"rho must be > 0, got {opts['rho']!r}")
+    return opts
+
+
+def _step_orders(steps, order, lower_final):
+    """Interpolation order of each step: warm-up from 1 (history fills), and with ``lower_final`` at most
+    ``steps - n`` on the last steps (DPM-Solver's lower-order-final rule: the largest log-SNR steps are last)."""
+    orders = [min(order, n + 1) for n in range(steps)]
+    if lower_final:
+        orders = [min(o, steps - n) for n, o in enumerate(orders)]
+    return orders
+
+
 def build_exp_table(dyn: Dynamics, steps, *, mode="ode", order=DEFAULT_ORDER, eps=1e-3, grid=DEFAULT_GRID, rho=2.0,
-                    time_weight=999.0, substeps=64, predict="x0", device="cpu", dtype=torch.float32):
-    """The exponential-integrator step table (see module docstring for the row layout)."""
+                    corrector=DEFAULT_CORRECTOR, lower_final=DEFAULT_LOWER_FINAL, sigma_data=DEFAULT_SIGMA_DATA,
+                    time_weight=999.0, substeps=None,
+                    predict="x0", device="cpu", dtype=torch.float32):
+    """The exponential-integrator step table (see module docstring for the row layout).
+
+    ``corrector``: UniPC-style (exponential Adams-Moulton) corrector at no extra NFE. The predictor
+    interpolates through ``order - 1`` nodes t_n, ..; once d_{n+1} is known step n is re-done with the
+    interpolant through the ``order`` nodes t_{n+1}, t_n, .. (UniP-(p) + UniC: order p + 1); the state is linear in the
+    d's, so the correction ``Phi_{n+1} (W_AM - W_AB) d`` is folded into row n+1's weights and the op and its
+    ring are unchanged (the network still sees the predicted state, as in UniPC). Needs order >= 2
+    (the corrector uses d_n from the ring); the last step is not corrected (that would cost an NFE).
+    """
     if mode not in S.MODES:
         raise ValueError(f"unknown mode {mode!r}: choose 'sde' or 'ode'")
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    if predict not in ("x0", "eps"):
+        raise ValueError(f"unknown predict {predict!r}: choose 'x0' or 'eps'")
     t = time_grid(dyn, steps, eps=eps, grid=grid, rho=rho)
+    if substeps is None:                                     # ~640 frozen-generator pieces over the whole run
+        substeps = max(8, -(-640 // steps))
     K = dyn.num_aug
     K1 = K + 1
     m = 0.5 if mode == "ode" else 1.0
     R = order
+    corrector = bool(corrector) and R > 1
     rows = np.zeros((steps, exp_row_width(K, order)))
     st = dyn.marginal_stats(t)
     alpha = st.alpha.numpy()
     o_P, o_w, o_h, o_L, o_a, _ = exp_offsets(K, R)
+    orders = _step_orders(steps, order - 1 if corrector else order, lower_final)   # predictor orders
+    carry = {}                                               # correction of the previous step: {d index: (K1,) weights}
     for n in range(steps):
-        p = min(order, n + 1)
+        p = orders[n]
         nodes = t[n - p + 1:n + 1][::-1]                     # t_n, t_{n-1}, ...
         Phi, W, Sigma = step_coefficients(dyn, t[n], t[n + 1], nodes, m, substeps=substeps, noise=(mode == "sde"),
-                                          predict=predict)
+                                          predict=predict, sigma_data=sigma_data)
         if predict == "x0":
-            rows[n, 0] = 1.0 / st.mean_scale[n].item()
+            c_n, s_n = st.mean_scale[n].item(), st.sigma_c[n].item()
+            rows[n, 0] = 1.0 / c_n - gauss_gain(c_n, s_n, sigma_data)
             rows[n, 1] = -st.sigma_c[n].item() / st.mean_scale[n].item()
-        elif predict == "eps":
-            rows[n, 1] = 1.0
         else:
-            raise ValueError(f"unknown predict {predict!r}: choose 'x0' or 'eps'")
+            rows[n, 1] = 1.0
+        weights = {n - j: W[:, j] for j in range(p)}         # weight on d_{n-j}
+        for i, wc in carry.items():                          # fold the corrector of step n-1 in: Phi_n (W_AM - W_AB)
+            weights[i] = weights.get(i, 0.0) + Phi @ wc
         rows[n, o_P:o_w] = Phi.reshape(-1)
-        rows[n, o_w:o_h] = W[:, 0]
-        for j in range(1, p):                                # e_{n-j} sits in ring slot (n-j) mod (R-1)
-            slot = (n - j) % (R - 1)
-            rows[n, o_h + slot * K1:o_h + (slot + 1) * K1] = W[:, j]
+        for i, w in weights.items():
+            if i == n:
+                rows[n, o_w:o_h] = w
+            else:                                            # d_i sits in ring slot i mod (R-1)
+                assert n - i <= R - 1, "the ring holds R-1 past evaluations"
+                slot = i % (R - 1)
+                rows[n, o_h + slot * K1:o_h + (slot + 1) * K1] = w
         if mode == "sde":
             rows[n, o_L:o_a] = _safe_cholesky(Sigma).reshape(-1)
         rows[n, o_a:] = alpha[n + 1]                          # the last row: alpha(eps), for a final denoise
-    key = (tuple(sorted(dyn.config().items())), float(eps), float(time_weight), "exp", order, grid, float(rho), predict)
+        carry = {}
+        if corrector and n + 1 < steps:
+            pc = min(R, n + 2)
+            am_nodes = t[n + 2 - pc:n + 2][::-1]              # t_{n+1}, t_n, ..
+            _, W_am, _ = step_coefficients(dyn, t[n], t[n + 1], am_nodes, m, substeps=substeps, predict=predict,
+                                          sigma_data=sigma_data)
+            carry = {n + 1 - j: W_am[:, j] for j in range(pc)}
+            for j in range(p):
+                carry[n - j] = carry.get(n - j, 0.0) - W[:, j]
+    key = (tuple(sorted(dyn.config().items())), float(eps), float(time_weight), "exp", order, grid, float(rho), predict,
+           corrector, bool(lower_final), float(sigma_data))
     return S.StepTable(
         table=torch.tensor(rows, dtype=dtype, device=device),
         t=torch.tensor(t[:-1], dtype=torch.float32, device=device),

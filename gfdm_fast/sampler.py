@@ -92,7 +92,8 @@ class Sampler:
                  device: str | torch.device | None = None, precision: str = "fp32", compile: bool = False,
                  compile_mode: str | None = None, cuda_graphs: bool = False, channels_last: bool = False,
                  num_classes: int | None = None, progress: bool = False, order: int | None = None,
-                 grid: str | None = None, denoise: bool = False) -> None:
+                 grid: str | None = None, rho: float | None = None, corrector: bool | None = None,
+                 lower_final: bool | None = None, sigma_data: float | None = None, denoise: bool = False) -> None:
         if not isinstance(dyn, Dynamics):
             raise ValueError("dyn must be a Dynamics from gfdm_fast.make_dynamics")
         if solver not in SOLVERS:
@@ -108,14 +109,17 @@ class Sampler:
             raise ValueError("cuda_graphs needs a CUDA device")
         self.backend = ops.resolve_backend(backend, self.device, "em_step" if solver == "em" else "exp_step")
         if solver == "em":
-            if order is not None or grid is not None or denoise:
-                raise ValueError("order, grid and denoise belong to solver='exp'")
+            if any(v is not None for v in (order, grid, rho, corrector, lower_final, sigma_data)) or denoise:
+                raise ValueError("order, grid, rho, corrector, lower_final, sigma_data and denoise belong to "
+                                 "solver='exp'")
             self.table = S.build_em_table(dyn, steps, mode=mode, eps=eps, time_weight=time_weight, device=self.device)
         else:
             from gfdm_fast import expint
+            self.solver_options = expint.solver_options(dyn, steps, mode, order=order, grid=grid, rho=rho,
+                                                        corrector=corrector, lower_final=lower_final,
+                                                        sigma_data=sigma_data)
             self.table = expint.build_exp_table(dyn, steps, mode=mode, eps=eps, time_weight=time_weight,
-                                                order=order or expint.DEFAULT_ORDER, grid=grid or expint.DEFAULT_GRID,
-                                                device=self.device)
+                                                device=self.device, **self.solver_options)
             if denoise:
                 inv_c, sig_over_c = expint.denoise_coefficients(dyn, eps)
                 self._denoise = (float(inv_c), float(sig_over_c), float(time_weight * eps))

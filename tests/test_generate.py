@@ -454,3 +454,17 @@ def test_bad_input_one_clear_message(case, runs, nets):
     for w in words:
         assert w in err, err
     assert tree(runs) == before                                             # nothing half-written
+
+
+def test_exp_solver_knobs_recorded_in_the_manifest(runs):
+    out = runs / "exp_knobs"
+    rc, _, err = generate("--output_dir", runs, *FLAGS, *NET_FLAGS, "--n_samples", 2, "--out", out, "--solver", "exp",
+                          "--steps", 4, "--order", 2, "--grid", "power", "--rho", 2.5, "--corrector",
+                          "--sigma-data", 0.5)
+    assert rc == 0, err
+    meta = json.loads((out / "gfdm_generate.json").read_text())
+    assert meta["exp_solver"] == {"order": 2, "grid": "power", "rho": 2.5, "corrector": True, "lower_final": False,
+                                  "sigma_data": 0.5}
+    rc, _, err = generate("--output_dir", runs, *FLAGS, *NET_FLAGS, "--n_samples", 2, "--out", runs / "em_knobs",
+                          "--order", 3)
+    assert rc != 0 and "solver='exp'" in err and not (runs / "em_knobs").exists()

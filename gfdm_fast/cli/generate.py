@@ -71,6 +71,18 @@ def add_arguments(parser):
     e.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i (default 0)")
     e.add_argument("--backend", default="auto", help="fused-step backend: auto, torch, cpp, cuda, triton")
     e.add_argument("--solver", choices=SOLVERS, default="em", help="sampler (default em)")
+    # -- exp solver knobs (issue 13); None = the measured default of gfdm_fast.expint.solver_options --
+    from gfdm_fast.expint import GRIDS
+    e.add_argument("--order", type=int, choices=(1, 2, 3), default=None, help="--solver exp: interpolation order")
+    e.add_argument("--grid", choices=GRIDS, default=None, help="--solver exp: time grid")
+    e.add_argument("--rho", type=float, default=None, help="--solver exp --grid power: t uniform in t^(1/rho)")
+    e.add_argument("--corrector", type=parse_bool, nargs="?", const=True, default=None,
+                   help="--solver exp: UniPC-style corrector (no extra network call)")
+    e.add_argument("--lower-final", dest="lower_final", type=parse_bool, nargs="?", const=True, default=None,
+                   help="--solver exp: lower order on the last steps")
+    e.add_argument("--sigma-data", dest="sigma_data", type=float, default=None,
+                   help="--solver exp: data std of the Gaussian part of the denoiser integrated exactly (0: off)")
+    # -- end exp solver knobs --
     e.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="network precision; the state stays float32 (default fp32)")
     e.add_argument("--compile", type=parse_bool, nargs="?", const=True, default=False, help="torch.compile the network")
@@ -142,7 +154,8 @@ def run(args):
     model = ckpt.model.to(device).eval()
     try:
         sampler = Sampler(dyn, model, steps=args.steps, mode=args.mode, time_weight=src.time_weight,
-                          backend=args.backend, solver=args.solver,
+                          backend=args.backend, solver=args.solver, order=args.order, grid=args.grid, rho=args.rho,
+                          corrector=args.corrector, lower_final=args.lower_final, sigma_data=args.sigma_data,
                           device=device, precision=args.precision, compile=args.compile,
                           cuda_graphs=args.cuda_graphs, num_classes=config.num_classes,
                           progress=args.progress and dist.rank == 0)
@@ -170,7 +183,8 @@ def run(args):
             manifest = {"checkpoint": os.path.abspath(src.path), "use_ema": ckpt.used_ema, "recipe": recipe,
                         "dynamics": dyn_rec, "config": config.to_dict(), "seed": args.seed, "steps": args.steps,
                         "mode": args.mode, "solver": args.solver, "precision": args.precision, "n_samples": n,
-                        "shard_size": args.shard_size, "format": "png" if args.png else "npz"}
+                        "shard_size": args.shard_size, "format": "png" if args.png else "npz",
+                        "exp_solver": getattr(sampler, "solver_options", None)}
             shards = ShardSink(args.out, n, args.shard_size, args.png, manifest, dist, args.max_shards,
                                need_all=fid_sink is not None)
             sinks.append(shards)

@@ -1,0 +1,154 @@
+"""The exponential integrator end to end through ``Sampler``: the history ring, the UniPC-style corrector
+and the convergence order, against an independent float64 twin that keeps every network output in a list
+(no ring, no folded corrector) and takes the step coefficients straight from ``expint.step_coefficients``.
+"""
+import functools
+
+import numpy as np
+import pytest
+import torch
+from test_exp_step import exp_backend_or_skip
+
+from gfdm_fast import Sampler, make_dynamics
+from gfdm_fast import reference as ref
+from gfdm_fast.expint import _step_orders, build_exp_table, step_coefficients, time_grid
+from gfdm_fast.oracle import GaussianMixture, MixtureOracle
+
+SHAPE = (1, 3, 5)
+
+
+def _twin(dyn, oracle, steps, mode, order, grid, corrector, seeds, noise=None, substeps=16):
+    """Predictor-corrector in float64 with explicit state: Zc (corrected) and Zp (what the network sees)."""
+    t = time_grid(dyn, steps, grid=grid)
+    m = 0.5 if mode == "ode" else 1.0
+    st = dyn.marginal_stats(t)
+    c, sig, alpha = st.mean_scale.numpy(), st.sigma_c.numpy(), st.alpha.numpy()
+    tab = build_exp_table(dyn, steps, mode=mode, order=order, grid=grid, dtype=torch.float64)
+    z = torch.empty(dyn.num_aug + 1, len(seeds), *SHAPE, dtype=torch.float64)
+    x_in = torch.empty(len(seeds), *SHAPE, dtype=torch.float64)
+    ref.prior_planar(z, x_in, tab.prior, seeds)
+    zp = zc = z.numpy().reshape(z.shape[0], -1)
+    orders = _step_orders(steps, order - 1 if corrector else order, False)
+    d, prev = [], None
+    for n in range(steps):
+        xin = zp[0] - alpha[n] @ zp[1:]
+        e = oracle(torch.from_numpy(xin), torch.tensor([999.0 * t[n]])).numpy()
+        d.append((xin - sig[n] * e) / c[n])
+        if corrector and prev is not None:                 # redo step n-1 through t_n, t_{n-1}, ..
+            pc = min(order, n + 1)
+            Phi, W, _ = step_coefficients(dyn, t[n - 1], t[n], t[n + 1 - pc:n + 1][::-1], m, substeps=substeps,
+                                          predict="x0")
+            zc = Phi @ prev + sum(W[:, [j]] * d[n - j][None] for j in range(pc)) + noise_of(noise, n - 1, zc)
+        else:
+            zc = zp
+        prev = zc
+        p = orders[n]
+        Phi, W, _ = step_coefficients(dyn, t[n], t[n + 1], t[n - p + 1:n + 1][::-1], m, substeps=substeps, predict="x0")
+        zp = Phi @ zc + sum(W[:, [j]] * d[n - j][None] for j in range(p)) + noise_of(noise, n, zc)
+    return torch.from_numpy(zp[0]).reshape(len(seeds), *SHAPE)
+
+
+def noise_of(noise, n, like):
+    """L_n xi_n of the sde step n (the table's Cholesky factor), or 0 for ode."""
+    if noise is None:
+        return 0.0
+    L, xi = noise
+    return L[n] @ xi[n].reshape(xi.shape[1], -1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("order,corrector", [(3, False), (3, True), (2, True)])
+def test_sampler_order3_ring_and_corrector_match_list_twin(backend, order, corrector):
+    """8 steps: the ring wraps three times; a wrong ring slot or corrector fold moves the result by ~1e-1."""
+    device = exp_backend_or_skip(backend)
+    dyn = make_dynamics("fvp", hurst=0.8, num_aug=2)
+    oracle = MixtureOracle(dyn)
+    steps = 8
+    smp = Sampler(dyn, oracle, steps=steps, mode="ode", solver="exp", backend=backend, device=device, order=order,
+                  grid="logsnr", corrector=corrector, lower_final=False)
+    smp.table = build_exp_table(dyn, steps, mode="ode", order=order, grid="logsnr", corrector=corrector,
+                                lower_final=False, substeps=16, device=device)
+    x = smp.sample(3, SHAPE, seed=5).cpu().double()
+    twin = _twin(dyn, oracle, steps, "ode", order, "logsnr", corrector, torch.arange(5, 8))
+    err = (x - twin).abs().max().item()
+    assert err < 2e-4 * max(1.0, twin.abs().max().item()), err      # float32 state over 8 steps: measured ~1e-6
+
+
+def test_sde_corrector_matches_list_twin_with_given_noise():
+    dyn = make_dynamics("fve", hurst=0.7, num_aug=2)
+    oracle = MixtureOracle(dyn)
+    steps, B = 6, 2
+    smp = Sampler(dyn, oracle, steps=steps, mode="sde", solver="exp", backend="torch", order=3, grid="logsnr",
+                  corrector=True, lower_final=False)
+    smp.table = build_exp_table(dyn, steps, mode="sde", order=3, grid="logsnr", corrector=True, lower_final=False,
+                                substeps=16)
+    xi = torch.randn(steps, 3, B, *SHAPE, generator=torch.Generator().manual_seed(0))
+    z = torch.empty(3, B, *SHAPE)
+    x_in = torch.empty(B, *SHAPE)
+    seeds = torch.arange(B)
+    ref.prior_planar(z, x_in, smp.table.prior, seeds)
+    smp.run(z, x_in, seeds=seeds, noise=xi)
+    o = smp.table.table.shape[1] - 2 - 9                   # L (3 x 3) sits before alpha_next (K = 2)
+    L = smp.table.table[:, o:o + 9].double().reshape(steps, 3, 3).numpy()
+    twin = _twin(dyn, oracle, steps, "sde", 3, "logsnr", True, seeds, noise=(L, xi.double().numpy()))
+    assert (z[0].double() - twin).abs().max().item() < 2e-4
+
+
+_BIMODAL = GaussianMixture((0.5, 0.5), (-0.5, 0.5), (0.3, 0.3))
+
+
+@functools.lru_cache(maxsize=None)
+def _vp_ode(steps, order=3, corrector=True):
+    dyn = make_dynamics("fvp", hurst=0.5, num_aug=0)
+    return Sampler(dyn, MixtureOracle(dyn, _BIMODAL), steps=steps, mode="ode", solver="exp", order=order,
+                   grid="logsnr", corrector=corrector, lower_final=False).sample(1, (1, 16, 16), seed=1).double()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order,corrector,rate", [(1, False, 1.0), (2, False, 2.0), (3, False, 3.0),
+                                                   (2, True, 2.0), (3, True, 3.0)])
+def test_each_order_converges_at_its_rate(order, corrector, rate):
+    """ODE, same prior draw: error against a 320-step order-3 run; the observed slope between 20 and 40 steps
+    (pre-asymptotic for order 3 without corrector: measured 2.59), so the bound is rate - 0.45."""
+    best = _vp_ode(320)
+    e20, e40 = ((_vp_ode(n, order, corrector) - best).abs().mean().item() for n in (20, 40))
+    slope = np.log2(e20 / e40)
+    assert slope > rate - 0.45, (e20, e40, slope)
+
+NARROW = GaussianMixture((0.25, 0.35, 0.4), (-0.7, 0.05, 0.6), (0.05, 0.06, 0.04))   # narrower modes than the default
+FEW = [("fvp", 0.5, 0), ("fvp", 0.9, 2), ("fve", 0.7, 2)]
+
+
+def _w1_default(name, hurst, K, mode, steps, mix=GaussianMixture(), images=4, **kw):
+    from gfdm_fast.oracle import w1
+    dyn = make_dynamics(name, hurst=hurst, num_aug=K)
+    x = Sampler(dyn, MixtureOracle(dyn, mix), steps=steps, mode=mode, solver="exp", **kw).sample(images, (1, 32, 32))
+    return w1(x, mix.sample(200_000, torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,hurst,K", FEW)
+@pytest.mark.parametrize("mode", ["ode", "sde"])
+def test_few_step_targets_at_ci_size(name, hurst, K, mode):
+    """Issue 13's 20-NFE targets (VP 6e-3, fractional 15e-3) with the defaults, on 4096 pixels: the Monte-Carlo
+    floor there is ~8e-3 +- 3e-3 (W1 of 4096 exact mixture draws against 200k), so the bound is target + 1e-2."""
+    bound = 6e-3 if K == 0 else 15e-3
+    assert _w1_default(name, hurst, K, mode, 20) < bound + 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,hurst,K", FEW)
+def test_defaults_generalise_to_narrow_modes(name, hurst, K):
+    """Another per-pixel law (three narrow modes): the defaults at 20 NFE stay within the fractional target + margin."""
+    assert _w1_default(name, hurst, K, "ode", 20, mix=NARROW) < 15e-3 + 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,hurst,K", FEW)
+@pytest.mark.parametrize("steps", [5, 10])
+def test_defaults_never_worse_than_order1_on_the_same_grid(name, hurst, K, steps):
+    dyn = make_dynamics(name, hurst=hurst, num_aug=K)
+    grid = Sampler(dyn, MixtureOracle(dyn), steps=steps, solver="exp").solver_options["grid"]
+    d = _w1_default(name, hurst, K, "ode", steps)
+    o1 = _w1_default(name, hurst, K, "ode", steps, order=1, corrector=False, grid=grid, sigma_data=0.0)
+    assert d < o1 + 5e-3, (d, o1)            # 5e-3: the Monte-Carlo spread of W1 between two 4096-pixel runs
