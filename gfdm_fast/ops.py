@@ -42,7 +42,7 @@ def _noising_torch(x0, mean_scale, sigma_c, seeds, step, x_in, eps_out, eps):
 _IMPLS["torch"]["noising"] = _noising_torch
 
 
-def register_backend(name, impls):
+def register_backend(name: str, impls: dict) -> None:
     """Called by a backend module on import: ``impls`` maps op name -> function with the torch twin's signature."""
     _IMPLS.setdefault(name, {}).update(impls)
 
@@ -88,7 +88,7 @@ def _unavailable_reason(name, dev, op=None):
     return None
 
 
-def backend_status(device="cpu"):
+def backend_status(device: str | torch.device = "cpu") -> dict[str, str]:
     """{backend: "ok" or why it cannot run on ``device``} for every backend, in 'auto' order.
 
     The reason for a backend that failed to load is the import error (e.g. a missing extension).
@@ -98,13 +98,13 @@ def backend_status(device="cpu"):
     return {name: _unavailable_reason(name, dev) or "ok" for name in (*order, *(b for b in BACKENDS if b not in order))}
 
 
-def available_backends(device="cpu", op=None):
+def available_backends(device: str | torch.device = "cpu", op: str | None = None) -> list[str]:
     """Backends that can run ops (``op``, if given) on tensors of ``device``, in 'auto' order."""
     dev = torch.device(device).type
     return [name for name in _AUTO_ORDER.get(dev, ("torch",)) if _unavailable_reason(name, dev, op) is None]
 
 
-def resolve_backend(backend, device, op=None):
+def resolve_backend(backend: str, device: str | torch.device, op: str | None = None) -> str:
     """'auto' -> the fastest backend for ``device`` that has ``op`` (GFDM_BACKEND overrides); validate names."""
     avail = available_backends(device, op)
     if backend in (None, "auto"):
@@ -170,7 +170,7 @@ _STEP_CACHE = {}         # device -> arange(n) int64 on it: host step ints becom
 _STEP_CACHE_MAX = 1 << 16
 
 
-def step_tensor(step, device, limit):
+def step_tensor(step: int | torch.Tensor, device: torch.device, limit: int) -> torch.Tensor:
     """``step`` as a 0-d int64 tensor on ``device``; a host int must lie in [0, limit).
 
     A device tensor is used as is (its range is checked in-kernel: NaN output). A host int
@@ -241,7 +241,8 @@ def _(z, e, x_in, hist, table, step, order, seeds, noise, noisy, backend):
 
 
 # ---- public functions ---------------------------------------------------------------------------
-def em_step(z, e, x_in, table, step, seeds=None, noise=None, *, backend="auto"):
+def em_step(z: torch.Tensor, e: torch.Tensor, x_in: torch.Tensor, table, step: int | torch.Tensor,
+            seeds: torch.Tensor | None = None, noise: torch.Tensor | None = None, *, backend: str = "auto"):
     """Fused Euler-Maruyama step (gfdm_fast.schedule row layout): updates ``z`` in place, writes ``x_in``.
 
     ``table`` is a StepTable or its (N, 6+4K) tensor; ``step`` an int or 0-d integer tensor.
@@ -267,7 +268,8 @@ def em_step(z, e, x_in, table, step, seeds=None, noise=None, *, backend="auto"):
     _em_step_op(z, e, x_in, table, step_tensor(step, z.device, table.shape[0]), seeds, noise, backend)
 
 
-def prior_draw(z, x_in, prior, seeds=None, noise=None, *, backend="auto"):
+def prior_draw(z: torch.Tensor, x_in: torch.Tensor, prior, seeds: torch.Tensor | None = None,
+               noise: torch.Tensor | None = None, *, backend: str = "auto"):
     """z_T ~ N(0, Sreg(T)) per pixel into ``z`` (K+1, B, C, H, W) and the first network input into ``x_in``."""
     if isinstance(prior, S.StepTable):
         prior = prior.prior
@@ -287,7 +289,8 @@ def prior_draw(z, x_in, prior, seeds=None, noise=None, *, backend="auto"):
     _prior_op(z, x_in, prior, seeds, noise, backend)
 
 
-def noising(x0, mean_scale, sigma_c, seeds=None, step=0, eps=None, *, backend="auto"):
+def noising(x0: torch.Tensor, mean_scale: torch.Tensor, sigma_c: torch.Tensor, seeds: torch.Tensor | None = None,
+            step: int = 0, eps: torch.Tensor | None = None, *, backend: str = "auto"):
     """Training pair of the reduced loss: returns (``c x0 + sigma_c eps``, eps), eps from Philox stream 2 or given."""
     _need(isinstance(x0, torch.Tensor) and x0.dim() >= 2, "x0 must be a (B, ...) tensor")
     _need(x0.dtype in (torch.float32, torch.float64), f"x0 must be float32, got {x0.dtype}")
@@ -305,7 +308,9 @@ def noising(x0, mean_scale, sigma_c, seeds=None, step=0, eps=None, *, backend="a
     return x_in, eps_out
 
 
-def exp_step(z, e, x_in, hist, table, step, seeds=None, noise=None, *, order=None, noisy=None, backend="auto"):
+def exp_step(z: torch.Tensor, e: torch.Tensor, x_in: torch.Tensor, hist: torch.Tensor | None, table,
+             step: int | torch.Tensor, seeds: torch.Tensor | None = None, noise: torch.Tensor | None = None, *,
+             order: int | None = None, noisy: bool | None = None, backend: str = "auto"):
     """Fused exponential-integrator step (gfdm_fast.expint row layout): updates ``z`` and the history
     ring ``hist`` (max(order-1, 1), B, C, H, W) in place and writes the next network input ``x_in``.
     ``noisy`` (sde) draws K+1 normals per pixel (Philox stream 3) or uses ``noise`` (K+1, B, C, H, W).

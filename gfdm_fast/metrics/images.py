@@ -24,7 +24,7 @@ FAR_OUTSIDE = 0.5                               # floats beyond [-0.5, 1.5] are 
 
 # --------------------------------------------------------------------------- image checks
 
-def as_unit_images(x, what="images"):
+def as_unit_images(x, what: str = "images") -> torch.Tensor:
     """(B, 3, H, W) float32 in [0, 1] from a (B, C, H, W) batch, C in {1, 3}.
 
     uint8 is divided by 255 (as torchvision's ToTensor); floats slightly outside
@@ -117,7 +117,7 @@ def _npz_keys(path):
         raise UserError(f"cannot read {path}: not an .npz archive ({err})") from None
 
 
-def is_stats_file(path):
+def is_stats_file(path) -> bool:
     """True for an ``.npz`` holding ``mu`` and ``sigma`` (pytorch-fid's statistics)."""
     path = os.fspath(path)
     return path.endswith(".npz") and os.path.isfile(path) and {"mu", "sigma"} <= set(_npz_keys(path))
@@ -272,7 +272,7 @@ class DatasetImages:
             yield as_unit_images(_nchw(self.data[i:i + batch_size], self.data.shape, self.path), self.path)
 
 
-def open_images(path, data_dir=None):
+def open_images(path, data_dir: str | None = None):
     """The image source behind ``path``; checks it up front (cheaply) so errors come before any compute."""
     spath = os.fspath(path)
     if not os.path.exists(spath):

@@ -46,7 +46,7 @@ class Judge(nn.Module):
         self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(FEATURE_DIMS, num_classes))
         self.channels, self.num_classes, self.image_size = channels, num_classes, image_size
 
-    def features(self, x):
+    def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, FEATURE_DIMS) features of images ``x`` in [0, 1] (B, C, H, W).
 
         Grey images repeated to RGB (as FID's image path hands them over) are folded back to one channel.
@@ -58,7 +58,7 @@ class Judge(nn.Module):
                             f"got {tuple(x.shape[1:])}")
         return self.body(x * 2.0 - 1.0)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
 
@@ -69,13 +69,14 @@ def _data_key(images, labels):
     return h.hexdigest()[:16]
 
 
-def unit_images(ds):
+def unit_images(ds) -> tuple[torch.Tensor, torch.Tensor]:
     """All items of an in-memory data set (``data.TensorImages``) as float images in [0, 1] and labels."""
     x, y = ds.__getitems__(list(range(len(ds))))
     return (x + 1.0) / 2.0, y
 
 
-def train_judge(images, labels, *, num_classes, seed=0, epochs=TRAIN_EPOCHS, progress=False):
+def train_judge(images: torch.Tensor, labels: torch.Tensor, *, num_classes: int, seed: int = 0,
+                epochs: int = TRAIN_EPOCHS, progress: bool = False) -> Judge:
     """Train a ``Judge`` on ``images`` in [0, 1] (N, C, H, W) with int labels; deterministic for a seed."""
     if labels is None or int(labels.min()) < 0:
         raise UserError("the judge needs a labelled training split")
@@ -107,11 +108,12 @@ def train_judge(images, labels, *, num_classes, seed=0, epochs=TRAIN_EPOCHS, pro
     return net.eval().requires_grad_(False)
 
 
-def cache_dir_default():
+def cache_dir_default() -> str:
     return os.environ.get("GFDM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "gfdm_fast")
 
 
-def load_judge(data_name="mnist5k", data_dir=None, *, cache_dir=None, device="cpu", progress=False):
+def load_judge(data_name: str = "mnist5k", data_dir: str | None = None, *, cache_dir: str | None = None,
+               device: str | torch.device = "cpu", progress: bool = False) -> Judge:
     """The judge of data set ``data_name``: loaded from the cache, or trained on its training split once."""
     from gfdm_fast.data import load_dataset
     from gfdm_fast.io import atomic_save
@@ -140,19 +142,19 @@ def load_judge(data_name="mnist5k", data_dir=None, *, cache_dir=None, device="cp
 
 
 @torch.no_grad()
-def predict(judge, images, batch_size=500):
+def predict(judge: Judge, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Class predictions of images in [0, 1]."""
     dev = next(judge.parameters()).device
     return torch.cat([judge(images[i:i + batch_size].to(dev)).argmax(1).cpu()
                       for i in range(0, len(images), batch_size)])
 
 
-def class_consistency(judge, images, labels):
+def class_consistency(judge: Judge, images: torch.Tensor, labels) -> float:
     """Fraction of ``images`` (in [0, 1]) the judge assigns their conditioning ``labels``."""
     return float((predict(judge, images) == torch.as_tensor(labels).reshape(-1)).double().mean())
 
 
-def judge_statistics(judge, images, batch_size=500):
+def judge_statistics(judge: Judge, images: torch.Tensor, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of the judge's features of ``images`` in [0, 1], as FID's statistics."""
     from gfdm_fast.metrics.fid import FIDAccumulator
     dev = next(judge.parameters()).device
@@ -162,7 +164,7 @@ def judge_statistics(judge, images, batch_size=500):
     return acc.stats()
 
 
-def judge_report(judge, images, labels, reference, *, vendi=True):
+def judge_report(judge: Judge, images: torch.Tensor, labels, reference: torch.Tensor, *, vendi: bool = True) -> dict:
     """Class consistency, judge-feature FD against ``reference`` (images in [0, 1]) and VS_p of ``images``."""
     from gfdm_fast.metrics.fid import fid_from_stats
     from gfdm_fast.metrics.vendi import pixel_vendi_score

@@ -19,7 +19,7 @@ from gfdm_fast.errors import UserError
 PIXEL_SIZE = 32  # vendi-score's get_pixel_vectors resizes to 32 x 32
 
 
-def pixel_vectors(images, what="images"):
+def pixel_vectors(images, what: str = "images") -> torch.Tensor:
     """(B, 32*32*C) float64 pixel vectors (H, W, C order) of a (B, C, H, W) batch, C in {1, 3}.
 
     Floats in [0, 1] are clipped and rounded to uint8 levels, so k / 255 gives
@@ -44,13 +44,13 @@ def pixel_vectors(images, what="images"):
     return x.reshape(x.shape[0], -1).to(torch.float64)
 
 
-def unit_rows(x):
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
     """Rows scaled to unit length; zero rows stay zero (scikit-learn's ``normalize``)."""
     norm = x.norm(dim=1, keepdim=True)
     return x / torch.where(norm == 0, torch.ones_like(norm), norm)
 
 
-def vendi_from_eigenvalues(lam):
+def vendi_from_eigenvalues(lam: torch.Tensor) -> float:
     """exp of the Shannon entropy of the eigenvalues of K / n (eq. 1); lambda <= 0 are rounding noise."""
     lam = np.asarray(lam, dtype=np.float64)
     lam = lam[lam > 0]
@@ -73,7 +73,7 @@ class VendiAccumulator:
         self.gram = None
         self.rows = []
 
-    def update(self, images, what="images"):
+    def update(self, images, what: str = "images") -> None:
         """Add a batch (B, C, H, W): uint8, or float in [0, 1]."""
         x = unit_rows(pixel_vectors(images, what).to(self.device))
         if self.gram is None:
@@ -87,7 +87,7 @@ class VendiAccumulator:
             limit = self.gram.shape[0] // 2 if self.max_rows is None else self.max_rows
             self.rows = self.rows + [x] if self.count <= limit else None
 
-    def all_reduce(self):
+    def all_reduce(self) -> None:
         """Sum over ranks when torch.distributed is initialised (call once, after the last update)."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
@@ -99,7 +99,7 @@ class VendiAccumulator:
         self.count = int(n.item())
         self.rows = None  # other ranks' rows are only in the Gram
 
-    def score(self):
+    def score(self) -> float:
         """VS_p of the images seen so far."""
         if self.count == 0:
             raise UserError("VS_p needs at least one image")
@@ -111,7 +111,7 @@ class VendiAccumulator:
         return vendi_from_eigenvalues(torch.linalg.eigvalsh(k).cpu().numpy())
 
 
-def pixel_vendi_score(images, batch_size=256, max_rows=None):
+def pixel_vendi_score(images, batch_size: int = 256, max_rows: int | None = None) -> float:
     """VS_p of a (N, C, H, W) tensor or array in one call (batched through ``VendiAccumulator``)."""
     acc = VendiAccumulator(max_rows=max_rows)
     for i in range(0, len(images), batch_size):
