@@ -15,7 +15,7 @@ The engine's format is one dict::
      "recipe": "exact" | "official", "state_dict": {...}, "ema_state_dict": {...} | None,
      "step": int | None, "extra": {...}}
 
-written atomically (``path.tmp`` then ``os.replace``), so a crash never leaves
+written atomically (``io.atomic_save``: a per-process temp name, then a rename), so a crash never leaves
 a half-written checkpoint under the final name.
 """
 from __future__ import annotations

@@ -5,9 +5,8 @@
 ``G = (g sum(omega), 1, .., 1)``; ``Z_t | x0 ~ N((c(t) x0, 0), Sigma(t))``.
 
 Two coefficient recipes (docs/design.md 'Coefficient recipes'):
-* ``exact``: float64 throughout; the FVP X-row of Sigma by nested Gauss-Legendre
-  quadrature of the variation-of-constants formula (accurate to ~1e-12, shown
-  against a DOP853 solve at rtol 1e-13 in tests), FVE in closed form.
+* ``exact``: float64 throughout; the FVP X-row of Sigma by nested Gauss-Legendre quadrature of the
+  variation-of-constants formula (~1e-12 against a DOP853 solve at rtol 1e-13), FVE in closed form.
 * ``official``: the numerical recipe of the authors' code, so that their
   checkpoints see the coefficients they were trained with: gamma, A, b and the
   weight solve in float32, the FVP X-row from scipy's RK45 at default
@@ -434,8 +433,7 @@ def _phi1_prime(x):
 
 
 def tight_xrow(dyn: Dynamics, t: TimeLike, rtol: float = 1e-13) -> np.ndarray:
-    """Validation only: (Var X, Cov(X, Y)) at times t from the X-row ODE solved by DOP853 at ``rtol``
-    (the much tighter solve the exact recipe is checked against), shape (K+1, n)."""
+    """Validation only: (Var X, Cov(X, Y)) at t, shape (K+1, n), from a DOP853 solve of the X-row ODE."""
     y0 = np.zeros(dyn.num_aug + 1)
     y0[0] = dyn._var0()
     return solve_ivp(dyn._xrow_rhs, (0.0, dyn.T), y0, method="DOP853", rtol=rtol, atol=1e-22,

@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 
 from gfdm_fast.errors import UserError
-from gfdm_fast.io import atomic_write_file, image_grid, to_uint8
+from gfdm_fast.io import atomic_write, atomic_write_file, image_grid, to_uint8
 from gfdm_fast.runs import LOCK_FILE, FolderLock, clean_stale_temporaries
 
 MANIFEST = "gfdm_generate.json"     # settings of an --out run, checked on resume
@@ -122,24 +122,7 @@ class OfficialSink:
                 folder = os.path.join(self.save_dir, kind)
                 self.created += _makedirs(folder)
                 final = os.path.join(folder, f"{kind}_{self.stamp}.npy")
-                tmp = os.path.join(folder, f".{kind}_{self.stamp}.npy.tmp")
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-                row = 0
-                for r in range(self.dist.world):
-                    part_path = os.path.join(self.tmp_dir, f"{kind}_rank{r}.npy")
-                    if not os.path.exists(part_path):   # a rank without images
-                        continue
-                    part = np.load(part_path, mmap_mode="r")
-                    for j in range(0, len(part), _COPY_ROWS):
-                        block = part[j:j + _COPY_ROWS]
-                        out[row:row + len(block)] = block
-                        row += len(block)
-                    del part
-                if row != self.n:
-                    raise RuntimeError(f"assembled {row} of {self.n} samples")
-                out.flush()
-                del out
-                os.replace(tmp, final)
+                atomic_write(final, lambda tmp, kind=kind, shape=shape: self._assemble(tmp, kind, shape))
                 paths.append(final)
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self.dist.barrier()
@@ -147,14 +130,30 @@ class OfficialSink:
         _release(self)
         return paths
 
+    def _assemble(self, path, kind, shape):
+        """The ranks' part files, copied in chunks into one official ``.npy`` at ``path``."""
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        row = 0
+        for r in range(self.dist.world):
+            part_path = os.path.join(self.tmp_dir, f"{kind}_rank{r}.npy")
+            if not os.path.exists(part_path):   # a rank without images
+                continue
+            part = np.load(part_path, mmap_mode="r")
+            for j in range(0, len(part), _COPY_ROWS):
+                block = part[j:j + _COPY_ROWS]
+                out[row:row + len(block)] = block
+                row += len(block)
+            del part
+        if row != self.n:
+            raise RuntimeError(f"assembled {row} of {self.n} samples")
+        out.flush()
+        del out
+
     def abort(self):
         for name in ("data", "labels"):
             if hasattr(self, name):
                 delattr(self, name)
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        for kind in ("data", "label"):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(self.save_dir, kind, f".{kind}_{self.stamp}.npy.tmp"))
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)   # a half-assembled .npy: atomic_write removed it
         _release(self)
         _remove_empty(self.created)
 

@@ -93,13 +93,13 @@ def test_exact_covariance_accurate_to_1e8(name, hurst, K):
 
 
 @pytest.mark.parametrize("hurst,K", [(0.9, 3), (0.2, 5)])
-def test_fve_closed_form_equals_quadrature(hurst, K):
+def test_fve_closed_form_equals_the_ode_solve(hurst, K):
     dyn = make_dynamics("fve", hurst=hurst, num_aug=K)
     t = np.linspace(1e-5, 1, 40)
-    closed = dyn._xrow(t)
-    quad = dyn._xrow_exact(t)
-    np.testing.assert_allclose(closed[0], quad[0], rtol=1e-10)
-    np.testing.assert_allclose(closed[1], quad[1], rtol=1e-10)
+    closed = dyn.cov(t).numpy()                          # FVE: the closed form
+    quad = tight_xrow(dyn, t, rtol=1e-13)                 # the tight DOP853 solve of the X-row ODE
+    np.testing.assert_allclose(closed[:, 0, 0], quad[0], rtol=1e-9)
+    np.testing.assert_allclose(closed[:, 0, 1:], quad[1:].T, rtol=1e-9, atol=1e-15)
 
 
 @pytest.mark.parametrize("name", ["fvp", "fve"])
