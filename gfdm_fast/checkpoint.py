@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -361,17 +360,3 @@ def save(path: str, model: torch.nn.Module | Mapping[str, torch.Tensor], config:
         check_fit(obj["ema_state_dict"], config, path + " (EMA weights)")
     atomic_save(obj, path)
     return path
-
-
-_RUN_DIR = re.compile(r"(?P<run_id>[^/\\]+?)_(?P<data_name>[^/\\_]+)_H(?P<hurst>[0-9.]+)_K(?P<num_aug>\d+)$")
-
-
-def run_hints(path):
-    """{run_id, data_name, hurst, num_aug} from an official run folder
-    ``runs/{id}_{data}_H{hurst}_K{K}/model/model-*.pth``; {} when the path has no such folder."""
-    for part in reversed(os.path.abspath(os.fspath(path)).split(os.sep)):
-        m = _RUN_DIR.match(part)
-        if m:
-            return {"run_id": m["run_id"], "data_name": m["data_name"],
-                    "hurst": float(m["hurst"]), "num_aug": int(m["num_aug"])}
-    return {}

@@ -42,6 +42,7 @@ loaders can also be registered with the ``gfdm_fast.datasets`` entry point group
 """
 import importlib.util
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -171,7 +172,7 @@ class MicroBatches(torch.utils.data.Sampler):
 
 # ----------------------------------------------------------------------------- registry
 
-def register_dataset(name: str, loader):
+def register_dataset(name: str, loader: Callable) -> Callable:
     """Make ``loader(data_dir, *, split, download)`` available as ``--data_name name`` (see module doc)."""
     if not callable(loader):
         raise TypeError("loader must be callable as loader(data_dir, *, split, download)")

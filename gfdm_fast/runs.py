@@ -40,13 +40,24 @@ DYNAMICS_FLAGS = {"name": "dynamics", "hurst": "hurst", "num_aug": "num_aug", "g
 CONFIG_FLAGS = {"in_channels": "channels", "image_size": "image_size", "model_channels": "model_channels",
                 "num_res_blocks": "num_res_blocks", "attention_resolutions": "attn_resolutions",
                 "channel_mult": "channel_mult", "num_classes": "num_classes"}   # dropout: no effect when sampling
-_RUN_NAME = re.compile(r"^.+_H(?P<hurst>[0-9.]+)_K(?P<num_aug>\d+)$")
+_RUN_NAME = re.compile(r"^(?P<run_id>[^/\\]+?)_(?P<data_name>[^/\\_]+)_H(?P<hurst>[0-9.]+)_K(?P<num_aug>\d+)$")
 _CKPT_NAME = re.compile(r"^(?:ema_)?model-(?P<version>.+)\.pth$")
 
 
 def run_name(run_id, data_name: str, hurst: float, num_aug: int) -> str:
     """The official run-folder name ``{run_id}_{data_name}_H{hurst}_K{num_aug}``."""
     return f"{_run_id(run_id)}_{data_name}_H{float(hurst)}_K{int(num_aug)}"
+
+
+def run_hints(path: str) -> dict:
+    """{run_id, data_name, hurst, num_aug} from an official run folder
+    ``runs/{id}_{data}_H{hurst}_K{K}/model/model-*.pth``; {} when the path has no such folder."""
+    for part in reversed(os.path.abspath(os.fspath(path)).split(os.sep)):
+        m = _RUN_NAME.match(part)
+        if m:
+            return {"run_id": m["run_id"], "data_name": m["data_name"],
+                    "hurst": float(m["hurst"]), "num_aug": int(m["num_aug"])}
+    return {}
 
 
 def write_run_record(run_dir: str, record: dict) -> None:
@@ -230,7 +241,6 @@ def _find_run(args):
 
 def locate(args):
     """The checkpoint file and the run's records, or one message listing what exists."""
-    from gfdm_fast import checkpoint
     if args.checkpoint:
         path = os.path.abspath(args.checkpoint)
         if not os.path.isfile(path):
@@ -275,7 +285,7 @@ def locate(args):
                 raise UserError(f"{path} not found (--version {version}"
                                 f"{', --use_ema True' if use_ema else ''}); {have}")
     records, config, config_from, recipe = [], None, None, None
-    hints = checkpoint.run_hints(path)
+    hints = run_hints(path)
     if hints:
         records.append((f"run folder {os.path.basename(run_dir)}",
                         {"hurst": hints["hurst"], "num_aug": hints["num_aug"]}))

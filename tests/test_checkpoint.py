@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from gfdm_fast import checkpoint
+from gfdm_fast import checkpoint, runs
 from gfdm_fast.errors import UserError
 from gfdm_fast.models import PRESETS, UNetConfig, UNetModel
 
@@ -97,7 +97,7 @@ def test_official_model_file(tmp_path, prefix):
     ck = checkpoint.load(path, SMALL)
     assert (ck.source, ck.recipe, ck.used_ema, ck.dynamics) == ("official", "official", False, None)
     assert same_weights(ck.model, net.state_dict())
-    assert checkpoint.run_hints(path) == {"run_id": "3", "data_name": "cifar10", "hurst": 0.9,
+    assert runs.run_hints(path) == {"run_id": "3", "data_name": "cifar10", "hurst": 0.9,
                                           "num_aug": 3}
 
 

@@ -9,6 +9,7 @@ import contextlib
 import os
 import pathlib
 import zipfile
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -98,7 +99,7 @@ class _NpyMember:
     def __len__(self):
         return int(self.shape[0]) if self.shape else 0
 
-    def rows(self, k):
+    def rows(self, k: int) -> np.ndarray:
         out = np.empty((k,) + tuple(self.shape[1:]), dtype=self.dtype)  # writable, unlike np.frombuffer
         view, got = memoryview(out).cast("B"), 0
         while got < len(view):
@@ -158,10 +159,10 @@ class ArrayImages:
         return int(self.shape[0])
 
     @property
-    def image_size(self):
+    def image_size(self) -> tuple[int, int]:
         return tuple(_nchw(np.empty((0,) + self.shape[1:], self.dtype), self.shape, self.path).shape[2:])
 
-    def batches(self, batch_size, num_workers=0):
+    def batches(self, batch_size: int, num_workers: int = 0) -> Iterator[torch.Tensor]:
         del num_workers  # slicing a memory map needs no worker processes
         if self.key is None:
             arr = np.load(self.path, mmap_mode="r", allow_pickle=False)
@@ -216,7 +217,7 @@ class FolderImages:
     def __len__(self):
         return len(self.files)
 
-    def batches(self, batch_size, num_workers=0):
+    def batches(self, batch_size: int, num_workers: int = 0) -> Iterator[torch.Tensor]:
         loader = torch.utils.data.DataLoader(_ImageFiles(self.files), batch_size=batch_size, shuffle=False,
                                              num_workers=num_workers, collate_fn=_collate_files)
         first = None
@@ -243,7 +244,7 @@ class ShardImages:
     def __len__(self):
         return sum(len(s) for s in self.shards)
 
-    def batches(self, batch_size, num_workers=0):
+    def batches(self, batch_size: int, num_workers: int = 0) -> Iterator[torch.Tensor]:
         for shard in self.shards:
             yield from shard.batches(batch_size, num_workers)
 
@@ -267,12 +268,12 @@ class DatasetImages:
     def __len__(self):
         return len(self.data)
 
-    def batches(self, batch_size, num_workers=0):
+    def batches(self, batch_size: int, num_workers: int = 0) -> Iterator[torch.Tensor]:
         for i in range(0, len(self), batch_size):
             yield as_unit_images(_nchw(self.data[i:i + batch_size], self.data.shape, self.path), self.path)
 
 
-def open_images(path, data_dir: str | None = None):
+def open_images(path, data_dir: str | None = None) -> "ArrayImages | FolderImages | ShardImages | DatasetImages":
     """The image source behind ``path``; checks it up front (cheaply) so errors come before any compute."""
     spath = os.fspath(path)
     if not os.path.exists(spath):
