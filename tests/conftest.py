@@ -70,3 +70,12 @@ def seed(request):
     torch.manual_seed(s)
     np.random.seed(s)
     return s
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one CPU thread for a test (2 threads contend with other processes on a shared 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

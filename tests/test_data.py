@@ -7,13 +7,7 @@ from gfdm_fast import data as gdata
 from gfdm_fast.cli import main
 from gfdm_fast.errors import UserError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_npz_uint8_nhwc(tmp_path):

@@ -25,12 +25,7 @@ TRAIN = ["train", "--data_name", "digits", *NET, "--batch_size", "8", "--progres
          "--val_check_interval", "0", "--log_every_n_steps", "1", "--seed", "3"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(*argv, drop_write=False, wait=True):

@@ -19,12 +19,7 @@ from conftest import standin_net
 TINY_NET = dict(model_channels=8, num_res_blocks=1, channel_mult="1,2", attn_resolutions="2", dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)      # 2 threads contend with other processes on a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
