@@ -351,7 +351,9 @@ def test_samples_across_batch_sizes():
     sampler = Sampler(dyn, net, steps=12, num_classes=3)
     runs = [sampler.sample(20, (1, 8, 8), seed=5, batch_size=b) for b in (1, 7, 20)]
     spread = max(float((r - runs[2]).abs().max()) for r in runs[:2])
-    assert spread <= 1e-4, spread                # README: measured <= 1.4e-4 at 50 steps on a random UNet
+    # measured 0 on this CPU (torch and cpp backends); the network's batch-size-dependent float32 kernels
+    # may round differently elsewhere: 16 float32 ulps of the largest value bound that, not a NaN or a mix-up
+    assert spread <= 16 * torch.finfo(torch.float32).eps * float(runs[2].abs().max()), spread
 
 
 def test_fid_dims_mismatch_is_reported_before_any_feature_pass(tmp_path, monkeypatch, capsys):
