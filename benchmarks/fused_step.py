@@ -6,6 +6,9 @@ The floor is the bytes a step must move per pixel (planes read + written, float3
 device's copy bandwidth, measured here with a large device-to-device copy.
 
     python benchmarks/fused_step.py --device cuda --shape 1000 3 32 32 --num-aug 0 2 3 --json out.json
+
+us/step is the time per call: at a tiny shape (1 3 32 32) it is the launch cost of the op (Python
+dispatch + kernel launch), which CUDA graphs remove.
 """
 import argparse
 import json
@@ -87,10 +90,11 @@ def run(device, shape, Ks, iters, backends=None):
                 floor = bytes_per_pixel(solver, K) / bw
                 rows.append({"device": str(dev), "solver": solver, "K": K, "backend": backend, "shape": list(shape),
                              "ns_per_pixel_step": 1e9 * sec / pixels, "floor_ns_per_pixel_step": 1e9 * floor,
-                             "x_floor": sec / pixels / floor, "copy_GBps": bw / 1e9})
+                             "x_floor": sec / pixels / floor, "us_per_step": 1e6 * sec, "copy_GBps": bw / 1e9})
                 r = rows[-1]
                 print(f"{solver:>3} K={K} {backend:<6} {r['ns_per_pixel_step']:8.3f} ns/pixel/step  "
-                      f"floor {r['floor_ns_per_pixel_step']:.3f}  x{r['x_floor']:.2f}", flush=True)
+                      f"floor {r['floor_ns_per_pixel_step']:.3f}  x{r['x_floor']:.2f}  "
+                      f"{r['us_per_step']:9.1f} us/step", flush=True)
     return rows
 
 
@@ -100,11 +104,13 @@ def main(argv=None):
     ap.add_argument("--shape", type=int, nargs=4, default=None, help="B C H W (default 1000 3 32 32; CPU 8 3 32 32)")
     ap.add_argument("--num-aug", type=int, nargs="+", default=[0, 2, 3])
     ap.add_argument("--iters", type=int, default=None, help="timed steps (default 50 on a GPU, 5 on a CPU)")
+    ap.add_argument("--backends", nargs="+", default=None,
+                    help="only these backends (default: every one available on the device)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
     shape = tuple(args.shape or ((1000, 3, 32, 32) if cuda else (8, 3, 32, 32)))
-    rows = run(args.device, shape, args.num_aug, args.iters or (50 if cuda else 5))
+    rows = run(args.device, shape, args.num_aug, args.iters or (50 if cuda else 5), args.backends)
     print(f"copy bandwidth {rows[0]['copy_GBps']:.0f} GB/s on {args.device}" if rows else "no rows")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -39,6 +39,8 @@ class Dist:
         if self.world == 1 or torch.distributed.is_initialized():
             return
         if device.type == "cuda":
+            if device.index is None:      # set_device needs an index: this process's GPU is cuda:LOCAL_RANK
+                self.device = device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         self.owned = True
@@ -84,6 +86,8 @@ def setup(device: str | None = None) -> Dist:
             raise UserError(f"--device {device}: no CUDA device is visible; use --device cpu")
         if dist.active:
             dev = torch.device("cuda", dist.local_rank)
+        elif dev.index is None:           # "cuda": the current device (set_device refuses a device without index)
+            dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
     dist.init(dev)
     return dist

@@ -9,8 +9,8 @@ Backends: ``torch`` (gfdm_fast.reference, always), ``cpp`` (gfdm_fast._C, CPU
 tensors), ``cuda`` (gfdm_fast._C built with nvcc, CUDA tensors), ``triton``
 (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). ``auto`` picks the
 fastest available for the device; ``GFDM_BACKEND`` overrides it. On CUDA ``auto``
-prefers Triton over the CUDA extension until a GPU run has validated the CUDA
-kernels (benchmarks/gpu_check.sh; benchmarks/RESULTS.md says which should win).
+prefers Triton: both GPU backends pass the reference tests on an H200, and Triton's
+kernels are the faster at large batches (benchmarks/RESULTS.md, 'GPU').
 ``backend_status(device)`` says which backends loaded and why the others did not.
 
 The step index is a 0-d int64 tensor on the state's device: a host int is checked
@@ -66,8 +66,9 @@ def _triton_runs_on(device_type):
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
-# 'auto' order per device type. On CUDA, Triton before the CUDA extension: the CUDA kernels have not
-# run on a GPU yet (issue 12); swap once benchmarks/gpu_check.sh has validated and timed them.
+# 'auto' order per device type. On CUDA, Triton before the CUDA extension: on an H200 Triton's em step runs at
+# the copy floor at batch 8000 and the CUDA kernels at 2-4x it (the extension launches faster, which only
+# matters without CUDA graphs at small batches; benchmarks/RESULTS.md, 'GPU').
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "triton", "torch")}
 
 

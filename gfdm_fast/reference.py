@@ -140,8 +140,8 @@ def sample_em(model, dyn: Dynamics, z_T, noise, *, steps, eps=1e-3, mode="sde", 
     t_grid, dt = time_grid(dyn, steps, eps)
     m = 1.0 if mode == "sde" else 0.5
     K = dyn.num_aug
-    F_all = dyn.F(t_grid).to(z_T.dtype)      # (N, K+1, K+1)
-    G_all = dyn.G(t_grid).to(z_T.dtype)      # (N, K+1)
+    F_all = dyn.F(t_grid).to(z_T.device, z_T.dtype)      # (N, K+1, K+1)
+    G_all = dyn.G(t_grid).to(z_T.device, z_T.dtype)      # (N, K+1)
     z = z_T.clone()
     sqrt_dt = dt ** 0.5
     for n in range(steps):

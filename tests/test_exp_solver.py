@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from test_exp_step import exp_backend_or_skip
+from test_ops import CUDA
 
 from gfdm_fast import Sampler, make_dynamics
 from gfdm_fast import reference as ref
@@ -56,7 +57,7 @@ def noise_of(noise, n, like):
     return L[n] @ xi[n].reshape(xi.shape[1], -1)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton", CUDA])
 @pytest.mark.parametrize("order,corrector", [(3, False), (3, True), (2, True)])
 def test_sampler_order3_ring_and_corrector_match_list_twin(backend, order, corrector):
     """8 steps: the ring wraps three times; a wrong ring slot or corrector fold moves the result by ~1e-1."""

@@ -171,15 +171,15 @@ def test_exp_step_philox_stream3(backend):
 def test_exp_step_triton_64bit_offsets(monkeypatch):
     """The WIDE (int64 offset) variant, forced on small tensors, agrees bit for bit with the int32 one."""
     import gfdm_fast.kernels.exp_step as k_exp
-    exp_backend_or_skip("triton")
+    dev = exp_backend_or_skip("triton")
     K, order, shape = 2, 3, (2, 3, 5, 7)
     t32, _ = _tables(K, "sde", order)
-    z0, e, x0, h0 = torch.randn(K + 1, *shape), torch.randn(shape), torch.randn(shape), torch.randn(2, *shape)
-    seeds = torch.tensor([4, -9])
+    z0, e, x0, h0 = (torch.randn(*s, device=dev) for s in ((K + 1, *shape), shape, shape, (2, *shape)))
+    seeds = torch.tensor([4, -9], device=dev)
 
     def run():
         z, x, h = z0.clone(), x0.clone(), h0.clone()
-        ops.exp_step(z, e, x, h, t32, 3, seeds, backend="triton")
+        ops.exp_step(z, e, x, h, t32.to(dev), 3, seeds, backend="triton")
         return z, x, h
 
     narrow = run()

@@ -215,32 +215,36 @@ def _exp_case(K=1, order=2, steps=4):
     return t, shape, torch.randn(K + 1, *shape), torch.randn(shape), torch.randn(max(order - 1, 1), *shape)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton", CUDA])
 def test_host_step_outside_the_table_is_one_clear_error(backend):
+    dev = device_for(backend_or_skip(backend))
     t32, _ = _table(1, "sde", steps=5)
-    z, e, x, seeds = torch.zeros(2, 2, 1, 3, 5), torch.zeros(2, 1, 3, 5), torch.zeros(2, 1, 3, 5), torch.arange(2)
+    z, e, x = (torch.zeros(s, device=dev) for s in ((2, 2, 1, 3, 5), (2, 1, 3, 5), (2, 1, 3, 5)))
+    seeds = torch.arange(2, device=dev)
     for bad in (5, -1, 2 ** 40):
         with pytest.raises(ValueError, match=rf"step {bad} is outside the step table \(5 steps\)"):
-            ops.em_step(z, e, x, t32.table, bad, seeds, backend=backend)
+            ops.em_step(z, e, x, t32.table.to(dev), bad, seeds, backend=backend)
     te, shape, z, e, h = _exp_case()
     with pytest.raises(ValueError, match=r"step 4 is outside the step table \(4 steps\)"):
-        ops.exp_step(z, e, torch.zeros(shape), h, te, 4, torch.arange(2), backend=backend)
+        ops.exp_step(z.to(dev), e.to(dev), torch.zeros(shape, device=dev), h.to(dev), te.to(dev), 4, seeds,
+                     backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton", CUDA])
 @pytest.mark.parametrize("bad", [5, -1])
 def test_device_step_outside_the_table_raises_or_poisons(backend, bad):
-    """A step index read on the device cannot raise without a sync: Triton (as CUDA) writes NaN everywhere;
+    """A step index read on the device cannot raise without a sync: Triton and CUDA write NaN everywhere;
     the CPU backends (torch, cpp) read it on the host and raise."""
+    dev = device_for(backend_or_skip(backend))
     t32, _ = _table(1, "sde", steps=5)
-    z, e, x, seeds = torch.randn(2, 2, 1, 3, 5), torch.randn(2, 1, 3, 5), torch.zeros(2, 1, 3, 5), torch.arange(2)
+    z, e, x = torch.randn(2, 2, 1, 3, 5), torch.randn(2, 1, 3, 5), torch.zeros(2, 1, 3, 5)
     te, shape, ze, ee, h = _exp_case(steps=5)
-    xe = torch.randn(shape)
-    step = torch.tensor(bad)
-    if backend == "triton":
-        ops.em_step(z, e, x, t32.table, step, seeds, backend=backend)
+    z, e, x, ze, ee, h = (v.to(dev) for v in (z, e, x, ze, ee, h))
+    xe, seeds, step = torch.randn(shape, device=dev), torch.arange(2, device=dev), torch.tensor(bad, device=dev)
+    if backend in ("triton", "cuda"):
+        ops.em_step(z, e, x, t32.table.to(dev), step, seeds, backend=backend)
         assert z.isnan().all() and x.isnan().all()
-        ops.exp_step(ze, ee, xe, h, te, step, seeds, backend=backend)
+        ops.exp_step(ze, ee, xe, h, te.to(dev), step, seeds, backend=backend)
         assert ze.isnan().all() and xe.isnan().all() and h.isnan().all()
     else:
         with pytest.raises((RuntimeError, IndexError)):

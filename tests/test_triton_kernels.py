@@ -21,7 +21,9 @@ import triton.language as tl  # noqa: E402 (after the skip: triton is optional)
 
 from gfdm_fast.kernels import philox as kphilox  # noqa: E402
 
-interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+# These run on CUDA tensors (compiled) with a GPU, else on CPU tensors under the interpreter.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+interpreted = pytest.mark.skipif(DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
                                  reason="CPU tensors need TRITON_INTERPRET=1")
 
 # Random123 known-answer vectors for philox4x32-10: (c0, c1, c2, c3, k0, k1) -> (x0, x1, x2, x3)
@@ -129,27 +131,27 @@ def _check_em_step(device, K, mode, name, shape, step):
     assert_calibrated(x, x32, x64, "x_in " + tag)
 
 
-# ---- interpreter (CPU) --------------------------------------------------------------------------
+# ---- interpreted on CPU tensors, or compiled on a GPU --------------------------------------------
 @interpreted
 def test_philox_known_answers():
-    _check_kat("cpu")
+    _check_kat(DEV)
 
 
 @interpreted
 def test_philox_words_match_reference():
-    _check_words_match_reference("cpu")
+    _check_words_match_reference(DEV)
 
 
 @interpreted
 @pytest.mark.parametrize("stream", [STREAM_EM, STREAM_TRAIN])
 def test_philox_normal_matches_reference(stream):
-    _check_normal_matches_reference("cpu", stream)
+    _check_normal_matches_reference(DEV, stream)
 
 
 @interpreted
 @pytest.mark.parametrize("K,mode,name,step", [(8, "sde", "fvp", 3), (2, "sde", "fve", 0), (3, "ode", "fvp", 9)])
 def test_em_step_odd_size_across_blocks(K, mode, name, step):
-    _check_em_step("cpu", K, mode, name, ODD, step)
+    _check_em_step(DEV, K, mode, name, ODD, step)
 
 
 @interpreted
@@ -157,11 +159,12 @@ def test_em_step_without_noise_ignores_seeds():
     """ode rows (nx = ny = 0) skip the Philox work: any seeds give the result of zero explicit noise."""
     t32, _ = _tables(2, "ode", "fvp")
     shape = (2, 3, 5, 7)
-    z0, e = torch.randn(3, *shape), torch.randn(shape)
+    z0, e = torch.randn(3, *shape, device=DEV), torch.randn(shape, device=DEV)
     outs = []
     for seeds, noise in ((torch.tensor([1, 2]), None), (torch.tensor([-5, 2 ** 50]), None), (None, torch.zeros(shape))):
-        z, x = z0.clone(), torch.full(shape, float("nan"))
-        ops.em_step(z, e, x, t32.table, 4, seeds, noise, backend="triton")
+        seeds, noise = (None if v is None else v.to(DEV) for v in (seeds, noise))
+        z, x = z0.clone(), torch.full(shape, float("nan"), device=DEV)
+        ops.em_step(z, e, x, t32.table.to(DEV), 4, seeds, noise, backend="triton")
         outs.append((z, x))
     for z, x in outs[1:]:
         assert torch.equal(z, outs[0][0]) and torch.equal(x, outs[0][1])
@@ -170,8 +173,8 @@ def test_em_step_without_noise_ignores_seeds():
 @interpreted
 def test_em_step_single_pixel_images():
     """C = H = W = 1 (CHW = 1) and B = 1: degenerate strides still index correctly."""
-    _check_em_step("cpu", 1, "sde", "fvp", (1, 1, 1, 1), 2)
-    _check_em_step("cpu", 1, "sde", "fvp", (7, 1, 1, 1), 2)
+    _check_em_step(DEV, 1, "sde", "fvp", (1, 1, 1, 1), 2)
+    _check_em_step(DEV, 1, "sde", "fvp", (7, 1, 1, 1), 2)
 
 
 @interpreted
@@ -188,13 +191,13 @@ def test_prior_odd_size(K):
     ref.prior_planar(z64, x64, p64, noise=noise.double())
     z32, x32 = torch.empty(K + 1, *shape), torch.empty(shape)
     ref.prior_planar(z32, x32, p64.float(), seeds)
-    z, x = torch.full((K + 1, *shape), float("nan")), torch.full(shape, float("nan"))
-    ops.prior_draw(z, x, p64.float(), seeds, backend="triton")
+    z, x = torch.full((K + 1, *shape), float("nan"), device=DEV), torch.full(shape, float("nan"), device=DEV)
+    ops.prior_draw(z, x, p64.float().to(DEV), seeds.to(DEV), backend="triton")
     assert_calibrated(z, z32, z64, f"prior z K={K}")
     assert_calibrated(x, x32, x64, f"prior x_in K={K}")
     # explicit noise: the same draw, to float32 rounding (x_in = X - alpha.Y cancels, so compare calibrated)
     z2, x2 = torch.full_like(z, float("nan")), torch.full_like(x, float("nan"))
-    ops.prior_draw(z2, x2, p64.float(), noise=noise, backend="triton")
+    ops.prior_draw(z2, x2, p64.float().to(DEV), noise=noise.to(DEV), backend="triton")
     assert_calibrated(z2, z32, z64, f"prior z K={K} explicit noise")
     assert_calibrated(x2, x32, x64, f"prior x_in K={K} explicit noise")
 
@@ -206,7 +209,9 @@ def test_noising_odd_shapes(shape):
     x0 = torch.rand(shape, generator=gen) * 2 - 1
     c, sig = torch.rand(shape[0], generator=gen), torch.rand(shape[0], generator=gen)
     seeds = torch.randint(-(2 ** 62), 2 ** 62, (shape[0],), generator=gen)
-    x, e = ops.noising(x0, c, sig, seeds, torch.tensor(5), backend="triton")
+    x, e = ops.noising(x0.to(DEV), c.to(DEV), sig.to(DEV), seeds.to(DEV), torch.tensor(5, device=DEV),
+                       backend="triton")
+    x, e = x.cpu(), e.cpu()
     x_ref, e_ref = ref.noising(x0, c, sig, seeds, 5)
     torch.testing.assert_close(e, e_ref, rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(x, x_ref, rtol=2e-6, atol=2e-6)
@@ -221,13 +226,14 @@ def test_64bit_offsets_give_the_same_result(monkeypatch):
     K, shape = 2, (2, 3, 5, 7)
     t32, _ = _tables(K, "sde", "fvp")
     p32 = torch.tensor(S.prior_vector(make_dynamics("fvp", hurst=0.7, num_aug=K), 1.0), dtype=torch.float32)
-    z0, e, seeds = torch.randn(K + 1, *shape), torch.randn(shape), torch.tensor([4, -9])
+    z0, e = torch.randn(K + 1, *shape, device=DEV), torch.randn(shape, device=DEV)
+    seeds = torch.tensor([4, -9], device=DEV)
 
     def run():
-        z, x = z0.clone(), torch.empty(shape)
-        ops.em_step(z, e, x, t32.table, 3, seeds, backend="triton")
-        zp, xp = torch.empty_like(z0), torch.empty(shape)
-        ops.prior_draw(zp, xp, p32, seeds, backend="triton")
+        z, x = z0.clone(), torch.empty(shape, device=DEV)
+        ops.em_step(z, e, x, t32.table.to(DEV), 3, seeds, backend="triton")
+        zp, xp = torch.empty_like(z0), torch.empty(shape, device=DEV)
+        ops.prior_draw(zp, xp, p32.to(DEV), seeds, backend="triton")
         xn, en = ops.noising(e, seeds.float(), seeds.float(), seeds, 2, backend="triton")
         return z, x, zp, xp, xn, en
 
