@@ -37,9 +37,11 @@ GRIDS = ("blend", "logsnr", "power", "uniform")
 DEFAULT_GRID, DEFAULT_ORDER = "blend", 2
 DEFAULT_CORRECTOR, DEFAULT_LOWER_FINAL, DEFAULT_SIGMA_DATA = False, False, 0.0
 # what Sampler / generate use when a knob is not given: chosen on the oracle test bed at 10-20 NFE (issue 13,
-# benchmarks/oracle_error.py); VP (K = 0) and the fractional dynamics (K >= 1) differ in the grid that wins
+# benchmarks/oracle_error.py); VP (K = 0) and the fractional dynamics (K >= 1) differ in the grid that wins.
+# VP rho 4 (was 3): W1 x 1e3 at 10 NFE 13.5 vs 16.4 (sde), 5.5 vs 5.8 (ode), and on three narrow modes 9.3 vs
+# 11.5 (sde), 5.0 vs 6.2 (ode); at 5 NFE mixed (ode 24 vs 31, sde 54 vs 50, narrow-mode ode 36 vs 27)
 MEASURED_DEFAULTS = {
-    "vp": dict(order=3, grid="power", rho=3.0, corrector=True, lower_final=False, sigma_data=0.0),
+    "vp": dict(order=3, grid="power", rho=4.0, corrector=True, lower_final=False, sigma_data=0.0),
     "fractional": dict(order=3, grid="logsnr", rho=2.0, corrector=True, lower_final=False, sigma_data=0.5),
 }
 
