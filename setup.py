@@ -6,8 +6,8 @@ CUDA major version are present. Switches:
 
   GFDM_FORCE_CUDA=1   build the CUDA kernels even without a visible GPU
   GFDM_SKIP_CUDA=1    never build the CUDA kernels
-  GFDM_CUDA_ARCHS     e.g. "80;90" or "8.0;9.0+PTX" (default: torch's TORCH_CUDA_ARCH_LIST or 8.0;9.0);
-                      SASS for each, PTX for the highest and every "+PTX" one (forward compatible)
+  GFDM_CUDA_ARCHS     torch's TORCH_CUDA_ARCH_LIST format, e.g. "8.0;9.0+PTX" or "Hopper" (default:
+                      TORCH_CUDA_ARCH_LIST, else 8.0;9.0+PTX): SASS for each, PTX for the "+PTX" ones
   MAX_JOBS            parallel compile jobs (torch's convention)
 
 A missing compiler for the CUDA part never fails the install: it warns and
@@ -55,27 +55,6 @@ def _want_cuda(torch, cuda_home):
     return False, "no GPU visible (GFDM_FORCE_CUDA=1 builds anyway)"
 
 
-def cuda_gencode(archs):
-    """nvcc -gencode flags for an arch list like "8.0;9.0" or "80,90+PTX": machine code (SASS) for
-    each, plus PTX for the highest and for every arch marked +PTX, so a newer GPU JIT-compiles the
-    PTX instead of failing with "no kernel image"."""
-    parsed = []
-    for a in archs.replace(",", ";").replace(" ", ";").split(";"):
-        a = a.strip()
-        if a:
-            num = a.replace("+PTX", "").replace(".", "")
-            parsed.append((num, a.endswith("+PTX")))
-    if not parsed:
-        return []
-    highest = max(parsed, key=lambda x: (int(re.match(r"\d+", x[0]).group()), x[0]))[0]
-    flags = []
-    for num, ptx in parsed:
-        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
-        if ptx or num == highest:
-            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
-    return list(dict.fromkeys(flags))
-
-
 def _cuda_home_from_nvcc():
     """Point CUDA_HOME at the toolkit when ``nvcc`` on PATH is a wrapper script or link outside it.
 
@@ -116,11 +95,14 @@ def _extensions():
     cxx = ["-O3", "-fno-math-errno", "-ffp-contract=off", *openmp]
     use_cuda, why = _want_cuda(torch, CUDA_HOME)
     if use_cuda and cu:
-        archs = os.environ.get("GFDM_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
+        # torch's BuildExtension turns TORCH_CUDA_ARCH_LIST into -gencode flags (SASS per arch, PTX for
+        # +PTX; named arches like "Hopper" work too)
+        archs = os.environ.get("GFDM_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0+PTX"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         ext = CUDAExtension(
             "gfdm_fast._C", cpp + cu,
             define_macros=[("GFDM_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--fmad=false", *cuda_gencode(archs)]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--fmad=false"]},
             extra_link_args=openmp,
         )
     else:

@@ -381,7 +381,8 @@ template <bool Avx2>
 GFDM_INLINE void exp_terms(const ExpArgs& a, int K1, const Task& t, int s0, int len, float* __restrict acc,
                            float* __restrict xi_buf) {
   const float* r = a.row;
-  const float *wc = r + kExpFixed + K1 * K1, *wh = wc + K1, *L = wh + a.nh * K1;
+  const ExpOffsets o = exp_offsets(K1, a.nh);
+  const float *wc = r + o.w, *wh = r + o.h, *L = r + o.L;
   const int64_t off = t.off + s0;
   const float p = r[0], q = r[1];
   const float* __restrict x = a.x_in + off;
@@ -434,7 +435,7 @@ struct ExpBody {
     float* __restrict xo = a.x_in + t.off;
     if constexpr (KT >= 0) {
       constexpr int K1 = KT + 1, KA = KT > 0 ? KT : 1;
-      const float* an_row = r + kExpFixed + 2 * K1 * K1 + (a.nh + 1) * K1;
+      const float* an_row = r + exp_offsets(K1, a.nh).a;
       float phi[K1 * K1], an[KA];
       float* Z[K1];
       for (int k = 0; k < K1 * K1; ++k) phi[k] = r[kExpFixed + k];
@@ -463,7 +464,7 @@ struct ExpBody {
     } else {
       const int K = a.K, K1 = K + 1;
       const float* phi = r + kExpFixed;
-      const float* an = r + kExpFixed + 2 * K1 * K1 + (a.nh + 1) * K1;
+      const float* an = r + exp_offsets(K1, a.nh).a;
       std::vector<float> acc_v(size_t(K1) * kExpSub), xi_v(a.noisy && !a.noise ? size_t(K1) * kExpSub : 0);
       float* acc = acc_v.data();
       for (int s0 = 0; s0 < t.len; s0 += kExpSub) {
@@ -583,8 +584,8 @@ int64_t check_em(const at::Tensor& z, const at::Tensor& e, const at::Tensor& x_i
   }
   check_shape(e, "e", img);
   check_shape(x_in, "x_in", img);
-  TORCH_CHECK(table.dim() == 2 && table.size(1) == kEmFixed + 4 * K, "gfdm: the step table must be (steps, ",
-              kEmFixed + 4 * K, ") for K = ", K, ", got ", table.sizes(), ": build it from the dynamics that made z");
+  TORCH_CHECK(table.dim() == 2 && table.size(1) == em_row_width(K), "gfdm: the step table must be (steps, ",
+              em_row_width(K), ") for K = ", K, ", got ", table.sizes(), ": build it from the dynamics that made z");
   TORCH_CHECK(table.size(0) > 0, "gfdm: the step table is empty");
   check_step(step, z);
   check_noise_or_seeds(seeds, noise, img, z, dev);
@@ -658,7 +659,7 @@ int64_t check_exp(const at::Tensor& z, const at::Tensor& e, const at::Tensor& x_
   std::vector<int64_t> hist_shape{std::max<int64_t>(order - 1, 1)};
   hist_shape.insert(hist_shape.end(), img.begin(), img.end());
   check_shape(hist, "hist", hist_shape);
-  const int64_t K1 = K + 1, width = kExpFixed + 2 * K1 * K1 + order * K1 + K;
+  const int64_t K1 = K + 1, width = exp_row_width(int(K), int(order));
   TORCH_CHECK(table.dim() == 2 && table.size(1) == width, "gfdm: the exp step table must be (steps, ", width,
               ") for K = ", K, ", order = ", order, ", got ", table.sizes(), ": build it from the dynamics that made z");
   TORCH_CHECK(table.size(0) > 0, "gfdm: the step table is empty");

@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(kThreads) em_step_kernel(float* __restrict__ z
   const int K = KT >= 0 ? KT : K_runtime;
   const int64_t n = *step;
   const bool bad = n < 0 || n >= steps;
-  const float* __restrict__ r = table + (bad ? 0 : n) * (kEmFixed + 4 * K);
+  const float* __restrict__ r = table + (bad ? 0 : n) * em_row_width(K);
   const float poison = bad ? __int_as_float(0x7fc00000) : 0.0f;
   const float nx = r[COL_NX], ny = r[COL_NY];
   const bool draw = noise == nullptr && (nx != 0.0f || ny != 0.0f);  // ode / last step: no Philox work
@@ -178,7 +178,8 @@ __global__ void __launch_bounds__(kThreads) exp_step_kernel(float* __restrict__ 
   const bool draw = noisy && noise == nullptr;
   const int64_t N = B * P;
   // row offsets: Phi, w_cur, w_hist, L, alpha_next
-  const int oP = kExpFixed, ow = oP + K1 * K1, oh = ow + K1, oL = oh + nh * K1, oa = oL + K1 * K1;
+  const ExpOffsets o = exp_offsets(K1, nh);
+  const int oP = o.phi, ow = o.w, oh = o.h, oL = o.L, oa = o.a;
   GFDM_FOR_PIXELS(B, P) {
     const int64_t i = b * P + p;
     const float d = exp_data_prediction(r[0], r[1], x_in[i], e[i]);  // x_in read before it is overwritten

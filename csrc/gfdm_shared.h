@@ -8,7 +8,11 @@
 //
 // Contraction: nvcc is given --fmad=false (setup.py; no --use_fast_math) and the C++ compiler
 // -ffp-contract=off, so neither fuses a * b + c into an FMA: every float operation below rounds
-// once, in the order written, on both devices. The square root goes through sqrt_rn (IEEE on both).
+// once, in the order written, on both devices. The square root goes through sqrt_rn (IEEE on both, and
+// immune to a fast-math flag). This holds for the specialised K <= kMaxKSpecialised: the generic-K
+// paths of the .cpp (plane by plane) and the .cu keep their own order of operations, so above K = 8
+// the backends agree within float32 rounding only (tests/test_ops.py: test_cpp_and_cuda_give_the_same_bits
+// checks K = 0..8 on a GPU).
 #pragma once
 
 #include <cstdint>
@@ -43,7 +47,13 @@ constexpr uint32_t kStreamEm = 0, kStreamPrior = 1, kStreamTrain = 2, kStreamExp
 constexpr int kMaxKSpecialised = 8;  // compiled variants for K = 0..8 (GFDM_SWITCH_K); generic code above
 constexpr int kExpCudaMaxK1 = 64;    // the generic-K CUDA exp kernel keeps K+1 values per pixel in an array
 GFDM_HD constexpr int em_row_width(int K) { return kEmFixed + 4 * K; }
-GFDM_HD constexpr int exp_row_width(int K, int R) { return kExpFixed + 2 * (K + 1) * (K + 1) + R * (K + 1) + K; }
+// exp row columns (layout.exp_offsets): p, q, Phi (K1 x K1), w_cur (K1), w_hist (nh x K1), L (K1 x K1), alpha_next (K)
+struct ExpOffsets { int phi, w, h, L, a, width; };
+GFDM_HD constexpr ExpOffsets exp_offsets(int K1, int nh) {
+  return {kExpFixed, kExpFixed + K1 * K1, kExpFixed + K1 * K1 + K1, kExpFixed + K1 * K1 + K1 + nh * K1,
+          kExpFixed + 2 * K1 * K1 + K1 + nh * K1, kExpFixed + 2 * K1 * K1 + K1 + nh * K1 + K1 - 1};
+}
+GFDM_HD constexpr int exp_row_width(int K, int R) { return exp_offsets(K + 1, R - 1).width; }
 
 // LAUNCH(KT) for KT = K when 0 <= K <= kMaxKSpecialised, else LAUNCH(-1) (the generic-K variant).
 #define GFDM_SWITCH_K(K, LAUNCH) \
@@ -86,19 +96,13 @@ GFDM_HD constexpr double cos_coef(int i) {
          : i == 4 ? 1.0 / 24 : -0.5;
 }
 
-GFDM_HD uint32_t f2u(float f) {
-#ifdef __CUDA_ARCH__
-  return __float_as_uint(f);
-#else
-  uint32_t u; std::memcpy(&u, &f, 4); return u;
-#endif
-}
-GFDM_HD float u2f(uint32_t u) {
-#ifdef __CUDA_ARCH__
-  return __uint_as_float(u);
-#else
-  float f; std::memcpy(&f, &u, 4); return f;
-#endif
+// the bits of a value as another type of the same size (memcpy is a register move on host and device)
+template <class To, class From>
+GFDM_HD To bits_as(From v) {
+  static_assert(sizeof(To) == sizeof(From), "bits_as needs types of one size");
+  To t;
+  memcpy(&t, &v, sizeof(To));
+  return t;
 }
 GFDM_HD float sqrt_rn(float x) {
 #ifdef __CUDA_ARCH__
@@ -111,10 +115,10 @@ GFDM_HD float sqrt_rn(float x) {
 // ln(u) for normal u > 0: u = 2^k m with m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(s), s = (m-1)/(m+1),
 // |s| <= 0.172, series to s^15 in double, rounded once (correctly rounded but for rare ties).
 GFDM_HD float log_pos(float u) {
-  uint32_t ix = f2u(u) + (kOneBits - kSqrtHalfBits);
+  uint32_t ix = bits_as<uint32_t>(u) + (kOneBits - kSqrtHalfBits);
   const int k = int(ix >> 23) - 0x7f;
   ix = (ix & kMantissaMask) + kSqrtHalfBits;
-  const double f = double(u2f(ix)) - 1.0;
+  const double f = double(bits_as<float>(ix)) - 1.0;
   const double s = f / (2.0 + f), z = s * s;
   double p = log_coef(0);
   GFDM_UNROLL

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCHS = "8.0;9.0"
+ARCHS = "8.0;9.0+PTX"
 
 
 def _torch_cuda_home():
