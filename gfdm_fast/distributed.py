@@ -34,14 +34,13 @@ class Dist:
         return self.world > 1
 
     def init(self, device: torch.device) -> None:
-        """Start the process group for ``device`` (once; nothing in one process)."""
+        """Make ``device`` this process's CUDA device (if it is one) and start the process group (once; none
+        in one process)."""
         self.device = device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)     # an indexed device, from pick_device
         if self.world == 1 or torch.distributed.is_initialized():
             return
-        if device.type == "cuda":
-            if device.index is None:      # set_device needs an index: this process's GPU is cuda:LOCAL_RANK
-                self.device = device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         self.owned = True
 
@@ -80,21 +79,13 @@ class Dist:
 def setup(device: str | None = None) -> Dist:
     """The training processes: device (``cuda:LOCAL_RANK`` under torchrun) and the started process group."""
     dist = Dist.from_env()
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device}: no CUDA device is visible; use --device cpu")
-        if dist.active:
-            dev = torch.device("cuda", dist.local_rank)
-        elif dev.index is None:           # "cuda": the current device (set_device refuses a device without index)
-            dev = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(dev)
-    dist.init(dev)
+    dist.init(pick_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), dist.local_rank))
     return dist
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """``--device``: check (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps; cuda means cuda:LOCAL_RANK."""
+    """``--device``: check (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps; cuda means cuda:LOCAL_RANK.
+    A CUDA device always comes back with its index (torch.cuda.set_device refuses a bare 'cuda')."""
     if name == "check":
         if torch.cuda.is_available():
             name = "cuda"

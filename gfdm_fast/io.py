@@ -45,6 +45,14 @@ def atomic_save(obj, path: str) -> str:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def check_writable(folder) -> None:
+    """Create and remove a temporary file in ``folder``: a read-only folder fails now, with PermissionError /
+    OSError(EROFS), not after a long run."""
+    import tempfile
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
 def to_uint8(images):
     """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8: (x + 1) / 2 clipped to [0, 1], rounded to 255 levels."""
     import torch
@@ -73,10 +81,16 @@ def image_grid(images, nrow=None, pad=2, background=0, min_size=1):
     return grid
 
 
+def save_png(image, path):
+    """An (H, W, C) uint8 image as a PNG, atomically (C = 1 is written as greyscale)."""
+    from PIL import Image
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    return atomic_write_file(path, lambda f: pil.save(f, format="PNG"))
+
+
 def save_grid(images, path, nrow=8):
     """PNG grid of images in [-1, 1] (B, C, H, W); small images are enlarged (nearest) to >= 32 px."""
-    from PIL import Image
     grid = image_grid(to_uint8(images.detach()), nrow=nrow, background=255, min_size=32)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    save_png(grid, path)
     return path

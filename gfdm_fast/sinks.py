@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 
 from gfdm_fast.errors import UserError
-from gfdm_fast.io import atomic_write, atomic_write_file, image_grid, to_uint8
+from gfdm_fast.io import atomic_write, atomic_write_file, image_grid, save_png, to_uint8
 from gfdm_fast.runs import LOCK_FILE, FolderLock, clean_stale_temporaries
 
 MANIFEST = "gfdm_generate.json"     # settings of an --out run, checked on resume
@@ -238,10 +238,7 @@ class ShardSink:
 
     def _write(self, k, images, labels):
         if self.png:
-            from PIL import Image
-            grid = image_grid(images)
-            atomic_write_file(self.path(k), lambda f: Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-                          .save(f, format="PNG"))
+            save_png(image_grid(images), self.path(k))
         else:
             atomic_write_file(self.path(k), lambda f: np.savez(f, arr_0=images, labels=labels))
 

@@ -82,6 +82,7 @@ class TrainResult:
     ema_model: torch.nn.Module | None
     dynamics: object
     config: object          # UNetConfig
+    skipped: list = dataclasses.field(default_factory=list)   # steps dropped by --nonfinite skip (this call)
 
 
 class Trainer:
@@ -396,8 +397,8 @@ class Trainer:
                 self.log_acc[1] += images_per_step
                 if log is not None:
                     log.step()
-                if cfg.max_minutes is not None:
-                    out_of_time = dist.broadcast(time.perf_counter() - t_start > 60 * cfg.max_minutes)
+                if cfg.max_minutes is not None and self.step % cfg.log_every_n_steps == 0:   # a collective: not
+                    out_of_time = dist.broadcast(time.perf_counter() - t_start > 60 * cfg.max_minutes)  # per step
                 if self.step % cfg.log_every_n_steps == 0 or self.step == cfg.train_steps or out_of_time:
                     losses.append(self._log_row(log, time.perf_counter() - t_log))
                     t_log = time.perf_counter()
@@ -414,8 +415,11 @@ class Trainer:
         finally:
             if log is not None:
                 log.close()
+        if self.skipped:
+            dist.print0(f"warning: --nonfinite skip dropped {len(self.skipped)} step(s) with a non-finite loss or "
+                        f"gradient: {self.skipped[:20]}{' ...' if len(self.skipped) > 20 else ''}")
         return TrainResult(self.run_dir, self.step, losses, self.model,
-                           None if self.ema is None else self.ema.ema_model, self.dyn, self.net_config)
+                           None if self.ema is None else self.ema.ema_model, self.dyn, self.net_config, self.skipped)
 
 
 def train(cfg: TrainConfig, *, stop_at_step=None):

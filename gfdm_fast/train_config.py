@@ -42,7 +42,7 @@ class TrainConfig:
     precision: str = "fp32"                  # or bf16 (autocast)
     compile: bool = False
     seed: int | None = None                  # None: drawn, then recorded in gfdm_run.json
-    max_minutes: float | None = None         # stop early (and write the final files) after this
+    max_minutes: float | None = None         # stop at the first log row past this wall time (final files written)
     # outputs
     output_dir: str = "runs"
     wb_id: str | None = None                 # None: a fresh id

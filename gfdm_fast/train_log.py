@@ -1,7 +1,10 @@
 """What training reports, on the main process: ``train_log.csv``, TensorBoard and wandb when they are
 available, and the progress bar."""
 import csv
+import io
 import os
+
+from gfdm_fast.io import atomic_write_file
 
 LOG_COLUMNS = ("step", "loss", "lr", "images_per_s")
 
@@ -15,11 +18,16 @@ class TrainLog:
         if resumed and os.path.exists(path):  # drop rows written after the saved state
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-        self.file = open(path, "w", newline="")
+        def write_kept(f):   # the kept history replaces the file atomically: a crash here loses nothing
+            text = io.TextIOWrapper(f, newline="")
+            w = csv.DictWriter(text, fieldnames=LOG_COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+            text.flush()
+            text.detach()
+        atomic_write_file(path, write_kept)
+        self.file = open(path, "a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=LOG_COLUMNS)
-        self.writer.writeheader()
-        self.writer.writerows(rows)
-        self.file.flush()
         self.tb = self.wandb = self.bar = None
         try:
             from torch.utils.tensorboard import SummaryWriter

@@ -152,32 +152,23 @@ def test_reduced_and_joint_loss_agree(dynamics, hurst, num_aug):
     torch.testing.assert_close(x_in, ref_in.float(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("device, env, want", [("cuda", {}, 0), ("cuda:1", {}, 1), ("cuda", {"WORLD_SIZE": "1"}, 0)])
+@pytest.mark.parametrize("device, env, want", [
+    ("cuda", {}, 0), ("cuda:1", {}, 1), ("cuda", {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, 1)])
 def test_setup_gives_set_device_an_index(monkeypatch, device, env, want):
     """``--device cuda`` reaches torch.cuda.set_device with an index (it refuses a bare 'cuda': found on the
-    first H200 run). CUDA is faked: set_device validates its argument as torch does."""
+    first H200 run), in one process and under torchrun (cuda:LOCAL_RANK). CUDA is faked: set_device validates
+    its argument as torch does."""
     from torch.cuda._utils import _get_device_index
 
     from gfdm_fast import distributed
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(_get_device_index(d)))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: calls.append(backend))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     dist = distributed.setup(device)
-    assert calls == [want] and dist.device == torch.device("cuda", want)
-
-
-def test_init_of_a_process_group_gives_set_device_an_index(monkeypatch):
-    from torch.cuda._utils import _get_device_index
-
-    from gfdm_fast import distributed
-    calls = []
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(_get_device_index(d)))
-    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: calls.append(backend))
-    dist = distributed.Dist(rank=3, world=4, local_rank=1)
-    dist.init(torch.device("cuda"))
-    assert calls == [1, "nccl"] and dist.device == torch.device("cuda", 1) and dist.owned
+    assert calls == ([want, "nccl"] if env else [want]) and dist.device == torch.device("cuda", want)

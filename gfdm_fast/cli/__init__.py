@@ -30,32 +30,50 @@ def _available():
     return found
 
 
-def build_parser():
+def build_parser(commands=None):
+    """The gfdm-fast parser; ``commands`` (a dict) receives each command's own parser."""
     parser = argparse.ArgumentParser(prog="gfdm-fast", description="Fast Generative Fractional Diffusion Models")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in _available().items():
         p = sub.add_parser(name, help=help_, description=help_)
         importlib.import_module(module).add_arguments(p)
         p.set_defaults(_module=module)
+        if commands is not None:
+            commands[name] = p
     return parser
 
 
+_UNSET = object()
+
+
+def given_options(command_parser, args, argv):
+    """The dests of the options the user gave, as argparse matched them (abbreviations, --flag=value):
+    the command's arguments are parsed again into a namespace whose every field is a sentinel, and
+    argparse leaves a field alone unless its option was given."""
+    rest = argv[argv.index(args.command) + 1:]
+    probe = argparse.Namespace(**{k: _UNSET for k in vars(args)})
+    command_parser.parse_args(rest, namespace=probe)
+    return tuple(k for k, v in vars(probe).items() if v is not _UNSET and k != "_module")
+
+
 def main(argv=None):
-    parser = build_parser()
+    commands = {}
+    parser = build_parser(commands)
+    argv = list(sys.argv[1:] if argv is None else map(str, argv))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    args._argv = list(sys.argv[1:] if argv is None else map(str, argv))   # which flags were given
+    args.given = given_options(commands[args.command], args, argv)      # which options the user gave
     try:
         result = importlib.import_module(args._module).run(args)
     except (UserError, ValueError, FileNotFoundError) as err:
         print(f"gfdm-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except PermissionError as err:          # a read-only output folder, a file owned by someone else
+    except PermissionError as err:          # a read-only output folder, an input owned by someone else
         where = err.filename or "a file"
-        print(f"gfdm-fast {args.command}: error: cannot write {where}: permission denied; choose a folder "
-              "you can write to (or fix its permissions)", file=sys.stderr)
+        print(f"gfdm-fast {args.command}: error: cannot access {where}: permission denied; choose a folder "
+              "you can write to (or fix the permissions)", file=sys.stderr)
         return 2
     except OSError as err:
         if err.errno not in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):

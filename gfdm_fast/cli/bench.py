@@ -4,11 +4,10 @@ The same measurement as benchmarks/throughput.py --quick (the timing code is gfd
 the full sizes, compiled variants and the plot are in that script.
 """
 import json
-import tempfile
 from pathlib import Path
 
 from gfdm_fast.errors import UserError
-from gfdm_fast.io import atomic_write_file
+from gfdm_fast.io import atomic_write_file, check_writable
 
 
 def add_arguments(parser):
@@ -38,8 +37,7 @@ def run(args):
         raise UserError(f"--json {args.json} is a folder; give a file path")
     if args.json is not None:    # a folder that cannot be written fails now, not after the benchmark
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=args.json.parent):
-            pass
+        check_writable(args.json.parent)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.set_grad_enabled(False)
     print(f"gfdm-fast bench (quick) on {bench.describe(device)}, torch {torch.__version__}", flush=True)

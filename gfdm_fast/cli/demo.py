@@ -67,7 +67,7 @@ def run(args):
     import torch
 
     from gfdm_fast.data import load_dataset
-    from gfdm_fast.io import save_grid
+    from gfdm_fast.io import save_grid, to_uint8
     from gfdm_fast.sampler import Sampler
     from gfdm_fast.train import TrainConfig, train
 
@@ -119,7 +119,7 @@ def run(args):
     save_grid(x, os.path.join(args.out, "samples.png"))
     save_grid(real_test[:args.num_samples], os.path.join(args.out, "real.png"))
     np.savez(os.path.join(args.out, "samples.npz"),
-             images=((x.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8))
+             images=to_uint8(x))
 
     n = args.num_samples
     noise = torch.randn(n, *shape, generator=g).clamp(-1, 1)

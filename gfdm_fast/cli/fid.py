@@ -6,9 +6,9 @@ with --data_dir, train split). ``--save-stats SRC OUT.npz`` writes SRC's
 statistics in pytorch-fid's format.
 """
 import os
-import tempfile
 
 from gfdm_fast.errors import UserError
+from gfdm_fast.io import check_writable
 
 DIMS = (64, 192, 768, 2048)  # pytorch-fid's InceptionV3.BLOCK_INDEX_BY_DIM
 
@@ -91,8 +91,7 @@ def run(args):
             raise UserError(f"--save-stats output {out} exists; remove it or choose another name")
         if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
             raise UserError(f"--save-stats output folder {os.path.dirname(os.path.abspath(out))} does not exist")
-        with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(out))):
-            pass                                  # a read-only folder fails now, not after the feature pass
+        check_writable(os.path.dirname(os.path.abspath(out)))   # fails now, not after the feature pass
         if is_stats_file(src):
             raise UserError(f"{src} is already a statistics file")
     judge_data = _judge_data(args.features)
@@ -116,7 +115,7 @@ def run(args):
         extractor = model.features
     elif any(s is not None for s in sources):
         model = load_inception(args.dims, args.inception_weights, device)
-    stats, vendi = [], []
+    stats, vendi, consistency = [], [], []
     for path, images in zip(args.path, sources):
         if images is None:
             stats.append(loaded[path])
@@ -124,22 +123,25 @@ def run(args):
             continue
         acc = FIDAccumulator(dims, device, model=model, extractor=extractor)
         vs = VendiAccumulator(device) if args.vendi else None
-        stats.append(compute_statistics(images, acc, args.batch_size, workers, extra=[vs] if vs else (),
-                                        progress=True))
+        counter = None
+        if judge_data is not None:          # labelled .npz samples: does the judge agree with their labels?
+            from gfdm_fast.metrics.judge import ConsistencyCounter
+            labels = _npz_labels(path)
+            if labels is not None and len(labels) == len(images):
+                counter = ConsistencyCounter(model, labels)
+        stats.append(compute_statistics(images, acc, args.batch_size, workers,
+                                        extra=[a for a in (vs, counter) if a is not None], progress=True))
         vendi.append(vs.score() if vs else None)
+        if counter is not None:
+            consistency.append((path, counter.value()))
     if args.save_stats:
         save_stats(out, *stats[0])
         print(f"Saved statistics of {src} ({len(sources[0])} images, {dims} dims) to {out}")
     else:
         print(f"{'FID' if judge_data is None else 'FD (judge:' + judge_data + ')'}: "
               f"{fid_from_stats(*stats[0], *stats[1])}")
-    if judge_data is not None:              # labelled .npz samples: does the judge agree with their labels?
-        from gfdm_fast.metrics.judge import class_consistency
-        for path, images in zip(args.path, sources):
-            labels = _npz_labels(path) if images is not None else None
-            if labels is not None and len(labels) == len(images):
-                x = torch.cat(list(images.batches(500)))
-                print(f"class consistency: {class_consistency(model, x, labels):.4f}  ({path})")
+    for path, value in consistency:
+        print(f"class consistency: {value:.4f}  ({path})")
     if args.vendi:
         for path, value in zip(args.path, vendi):
             print(f"VS_p: {value}  ({path})" if value is not None else f"VS_p: n/a  ({path} is a statistics file)")

@@ -50,10 +50,11 @@ def add_arguments(parser):
                                                          "recorded in gfdm_run.json)")
     o.add_argument("--nonfinite", default="stop", choices=("stop", "skip"),
                    help="a NaN/inf loss or gradient: stop the run (nothing saved after it; default) or skip the step")
-    o.add_argument("--max_minutes", type=float, default=None, help="stop after this wall time (final files written)")
+    o.add_argument("--max_minutes", type=float, default=None,
+                   help="stop at the first log row past this wall time (final files written)")
     r = parser.add_argument_group("outputs")
     r.add_argument("--output_dir", default="runs", help="runs go to OUTPUT_DIR/{wb_id}_{data}_H{hurst}_K{K}/")
-    r.add_argument("--wb_id", default=None, help="run id (default: a time stamp)")
+    r.add_argument("--wb_id", default=None, help="run id (default: a time stamp and 6 random hex digits)")
     r.add_argument("--log_model_every_n", type=int, default=5000, help="model-v{n}.pth every N steps (default 5000)")
     r.add_argument("--val_check_interval", type=int, default=5000, help="sample grid every N steps; 0 = never")
     r.add_argument("--val_steps", type=int, default=None, help="sampler steps of the grids (1000 GPU / 100 CPU)")
@@ -69,9 +70,8 @@ def add_arguments(parser):
 def run(args):
     from gfdm_fast.train import TrainConfig, train
 
-    given = tuple(tok[2:].split("=")[0] for tok in getattr(args, "_argv", ()) if tok.startswith("--"))
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__},
-                      explicit=given)
+                      explicit=getattr(args, "given", None))
     result = train(cfg)
     import torch.distributed as dist
     if not dist.is_initialized() or dist.get_rank() == 0:

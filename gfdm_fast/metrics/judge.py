@@ -154,6 +154,24 @@ def class_consistency(judge: Judge, images: torch.Tensor, labels) -> float:
     return float((predict(judge, images) == torch.as_tensor(labels).reshape(-1)).double().mean())
 
 
+class ConsistencyCounter:
+    """Class consistency streamed batch by batch, as an ``extra`` accumulator of fid.compute_statistics:
+    the judge's predictions of the images, in order, against their ``labels``."""
+
+    def __init__(self, judge: Judge, labels) -> None:
+        self.judge, self.labels = judge, torch.as_tensor(labels).reshape(-1)
+        self.seen = self.agree = 0
+
+    def update(self, images, what: str = "images") -> None:
+        from gfdm_fast.metrics.images import as_unit_images
+        pred = predict(self.judge, as_unit_images(images, what))
+        self.agree += int((pred == self.labels[self.seen:self.seen + len(pred)]).sum())
+        self.seen += len(pred)
+
+    def value(self) -> float:
+        return self.agree / max(self.seen, 1)
+
+
 def judge_statistics(judge: Judge, images: torch.Tensor, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of the judge's features of ``images`` in [0, 1], as FID's statistics."""
     from gfdm_fast.metrics.fid import FIDAccumulator
