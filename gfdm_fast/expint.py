@@ -33,11 +33,9 @@ from gfdm_fast.dynamics import Dynamics
 from gfdm_fast.layout import exp_offsets, exp_row_width
 
 GRIDS = ("blend", "logsnr", "power", "uniform")
-# build_exp_table's keyword defaults: the plain multistep solver (no corrector, no Gaussian split)
-DEFAULT_GRID, DEFAULT_ORDER = "blend", 2
-DEFAULT_CORRECTOR, DEFAULT_LOWER_FINAL, DEFAULT_SIGMA_DATA = False, False, 0.0
-# what Sampler / generate use when a knob is not given: chosen on the oracle test bed at 10-20 NFE (issue 13,
-# benchmarks/oracle_error.py); VP (K = 0) and the fractional dynamics (K >= 1) differ in the grid that wins.
+# what build_exp_table, Sampler and generate use when a knob is not given: chosen on the oracle test bed at
+# 10-20 NFE (issue 13, benchmarks/oracle_error.py); VP (K = 0) and the fractional dynamics (K >= 1) differ in
+# the grid that wins.
 # VP rho 4 (was 3): W1 x 1e3 at 10 NFE 13.5 vs 16.4 (sde), 5.5 vs 5.8 (ode), and on three narrow modes 9.3 vs
 # 11.5 (sde), 5.0 vs 6.2 (ode); at 5 NFE mixed (ode 24 vs 31, sde 54 vs 50, narrow-mode ode 36 vs 27)
 MEASURED_DEFAULTS = {
@@ -166,9 +164,10 @@ def _safe_cholesky(S):
     return L * sign[None, :]
 
 
-def solver_options(dyn: Dynamics, steps, mode, *, order=None, grid=None, rho=None, corrector=None, lower_final=None,
+def solver_options(dyn: Dynamics, *, order=None, grid=None, rho=None, corrector=None, lower_final=None,
                    sigma_data=None):
-    """The exp solver's knobs with every ``None`` replaced by the default (chosen on the oracle test bed)."""
+    """The exp solver's knobs with every ``None`` replaced by the default (chosen on the oracle test bed),
+    validated: the one place either happens."""
     given = dict(order=order, grid=grid, rho=rho, corrector=corrector, lower_final=lower_final, sigma_data=sigma_data)
     opts = dict(MEASURED_DEFAULTS["vp" if dyn.num_aug == 0 else "fractional"])
     opts.update({k: v for k, v in given.items() if v is not None})
@@ -180,6 +179,8 @@ def solver_options(dyn: Dynamics, steps, mode, *, order=None, grid=None, rho=Non
         raise ValueError(f"unknown grid {opts['grid']!r}: choose one of {', '.join(GRIDS)}")
     if not opts["rho"] > 0:
         raise ValueError(f"rho must be > 0, got {opts['rho']!r}")
+    if opts["order"] not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
     return opts
 
 
@@ -192,9 +193,8 @@ def _step_orders(steps, order, lower_final):
     return orders
 
 
-def build_exp_table(dyn: Dynamics, steps, *, mode="ode", order=DEFAULT_ORDER, eps=1e-3, grid=DEFAULT_GRID, rho=2.0,
-                    corrector=DEFAULT_CORRECTOR, lower_final=DEFAULT_LOWER_FINAL, sigma_data=DEFAULT_SIGMA_DATA,
-                    time_weight=999.0, substeps=None,
+def build_exp_table(dyn: Dynamics, steps, *, mode="ode", order=None, eps=1e-3, grid=None, rho=None,
+                    corrector=None, lower_final=None, sigma_data=None, time_weight=999.0, substeps=None,
                     predict="x0", device="cpu", dtype=torch.float32):
     """The exponential-integrator step table (see module docstring for the row layout).
 
@@ -207,8 +207,10 @@ def build_exp_table(dyn: Dynamics, steps, *, mode="ode", order=DEFAULT_ORDER, ep
     """
     if mode not in S.MODES:
         raise ValueError(f"unknown mode {mode!r}: choose 'sde' or 'ode'")
-    if order not in (1, 2, 3):
-        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    opts = solver_options(dyn, order=order, grid=grid, rho=rho, corrector=corrector, lower_final=lower_final,
+                          sigma_data=sigma_data)
+    order, grid, rho = opts["order"], opts["grid"], opts["rho"]
+    corrector, lower_final, sigma_data = opts["corrector"], opts["lower_final"], opts["sigma_data"]
     if predict not in ("x0", "eps"):
         raise ValueError(f"unknown predict {predict!r}: choose 'x0' or 'eps'")
     t = time_grid(dyn, steps, eps=eps, grid=grid, rho=rho)

@@ -67,7 +67,7 @@ def _triton_runs_on(device_type):
 
 
 # 'auto' order per device type. On CUDA, Triton before the CUDA extension: on an H200 Triton's em step runs at
-# the copy floor at batch 8000 and the CUDA kernels at 2-4x it (the extension launches faster, which only
+# the copy floor at batch 8000 (K = 3) and the CUDA kernels at 2-4x it (the extension launches faster, which only
 # matters without CUDA graphs at small batches; benchmarks/RESULTS.md, 'GPU').
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "triton", "torch")}
 
@@ -106,25 +106,24 @@ def available_backends(device: str | torch.device = "cpu", op: str | None = None
 
 
 def resolve_backend(backend: str, device: str | torch.device, op: str | None = None) -> str:
-    """'auto' -> the fastest backend for ``device`` that has ``op`` (GFDM_BACKEND overrides); validate names."""
-    avail = available_backends(device, op)
+    """'auto' -> the fastest backend for ``device`` that has ``op`` (GFDM_BACKEND overrides); validate names.
+    Called on every op: an explicit, available backend costs one lookup."""
+    dev = torch.device(device).type
     if backend in (None, "auto"):
         env = os.environ.get("GFDM_BACKEND")
-        if env and env != "auto":
-            backend = env
-        else:
+        if not env or env == "auto":
             # the Triton interpreter is for testing; on a CPU it never wins 'auto'
-            fast = [b for b in avail if not (b == "triton" and torch.device(device).type == "cpu")]
-            return fast[0]
+            return next(b for b in available_backends(dev, op) if not (b == "triton" and dev == "cpu"))
+        backend = env
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose auto or one of {', '.join(BACKENDS)}")
-    if backend not in avail:
-        why = _unavailable_reason(backend, torch.device(device).type, op) or "not available for this device"
+    why = _unavailable_reason(backend, dev, op)
+    if why is not None:
         hint = {"cpp": "reinstall with `pip install --no-build-isolation -e .` to build the C++ extension",
                 "cuda": "needs a GPU and the extension built with nvcc (GFDM_FORCE_CUDA=1)",
                 "triton": "needs a CUDA device, or TRITON_INTERPRET=1 for CPU tensors"}.get(backend, "")
-        raise ValueError(f"backend {backend!r} is not available on {torch.device(device).type} ({why}); "
-                         f"available: {', '.join(avail)}. {hint}".strip())
+        raise ValueError(f"backend {backend!r} is not available on {dev} ({why}); "
+                         f"available: {', '.join(available_backends(dev, op))}. {hint}".strip())
     return backend
 
 

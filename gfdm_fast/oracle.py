@@ -7,6 +7,7 @@ training target ``(x_in - c x0)/sigma_c`` is ``e*(x) = (x - c E[x0 | x_in = x]) 
 with the Gaussian-mixture posterior mean. Sampling with ``e*`` must recover the
 mixture: this proves a sampler end to end without a trained network.
 """
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,21 @@ class GaussianMixture:
         s = torch.tensor(self.stds, dtype=torch.float64)[comp]
         return (m + s * torch.randn(n, generator=generator, dtype=torch.float64)).to(dtype)
 
+    def posterior_mean(self, x: torch.Tensor, c: float, sigma) -> torch.Tensor:
+        """E[x0 | c x0 + sigma n = x] in float64 (n standard normal; ``sigma`` a float or a 0-d tensor)."""
+        w, m, sd = _mixture_tensors(self, x.device)
+        xe = x.double()[..., None]
+        var = c * c * sd * sd + sigma * sigma                               # marginal variance of each component
+        logp = torch.log(w) - 0.5 * torch.log(var) - 0.5 * (xe - c * m) ** 2 / var
+        cond_mean = m + c * sd * sd / var * (xe - c * m)                    # E[x0 | x, component]
+        return (torch.softmax(logp, dim=-1) * cond_mean).sum(-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _mixture_tensors(mix: GaussianMixture, device: torch.device):
+    """(weights, means, stds) as float64 tensors on ``device``, made once per mixture and device."""
+    return tuple(torch.tensor(v, dtype=torch.float64, device=device) for v in (mix.weights, mix.means, mix.stds))
+
 
 class MixtureOracle:
     """Optimal epsilon network ``e*(x, s)`` for ``mixture`` under ``dyn`` (official call signature).
@@ -39,7 +55,6 @@ class MixtureOracle:
     def __init__(self, dyn: Dynamics, mixture=GaussianMixture(), *, time_weight=999.0, round_to=None):
         self.dyn, self.mix, self.time_weight, self.round_to = dyn, mixture, time_weight, round_to
         self._cache = {}
-        self._params = {}
 
     def _coef(self, s):
         key = float(s)
@@ -56,16 +71,7 @@ class MixtureOracle:
             raise ValueError("the oracle expects one time per call")
         c, sig = self._coef(s_vals[0].item())
         xd = x.double()
-        if x.device not in self._params:
-            self._params[x.device] = tuple(torch.tensor(v, dtype=torch.float64, device=x.device)
-                                           for v in (self.mix.weights, self.mix.means, self.mix.stds))
-        w, m, sd = self._params[x.device]
-        var = c * c * sd * sd + sig * sig                                   # marginal variance of each component
-        xe = xd[..., None]
-        logp = torch.log(w) - 0.5 * torch.log(var) - 0.5 * (xe - c * m) ** 2 / var
-        post = torch.softmax(logp, dim=-1)
-        cond_mean = m + c * sd * sd / var * (xe - c * m)                    # E[x0 | x_in, component]
-        x0_hat = (post * cond_mean).sum(-1)
+        x0_hat = self.mix.posterior_mean(xd, c, sig)
         e = (xd - c * x0_hat) / sig
         if self.round_to is not None:
             e = e.to(self.round_to)

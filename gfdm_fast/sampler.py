@@ -115,7 +115,7 @@ class Sampler:
             self.table = S.build_em_table(dyn, steps, mode=mode, eps=eps, time_weight=time_weight, device=self.device)
         else:
             from gfdm_fast import expint
-            self.solver_options = expint.solver_options(dyn, steps, mode, order=order, grid=grid, rho=rho,
+            self.solver_options = expint.solver_options(dyn, order=order, grid=grid, rho=rho,
                                                         corrector=corrector, lower_final=lower_final,
                                                         sigma_data=sigma_data)
             self.table = expint.build_exp_table(dyn, steps, mode=mode, eps=eps, time_weight=time_weight,
@@ -124,11 +124,6 @@ class Sampler:
                 inv_c, sig_over_c = expint.denoise_coefficients(dyn, eps)
                 self._denoise = (float(inv_c), float(sig_over_c), float(time_weight * eps))
         self.denoise = bool(denoise)
-        bad = [name for name in ("table", "t", "s", "prior")
-               if not bool(torch.isfinite(getattr(self.table, name)).all())]
-        if bad:
-            raise ValueError(f"the {solver} step table of {dyn!r} has non-finite coefficients ({', '.join(bad)}); "
-                             "these dynamics cannot be sampled (with the official recipe, try recipe='exact')")
         _check_model(model, self.device)
         from gfdm_fast.models.fast import FastNetwork
         self.network = FastNetwork(model, self.device, precision=precision, compile=compile,

@@ -49,6 +49,15 @@ class StepTable:
     key: tuple               # (dynamics config, eps, time_weight, solver...) for mismatch checks
     order: int = 1           # history length of multistep solvers (exp)
 
+    def __post_init__(self):
+        """Every builder's output is checked here, once: a non-finite coefficient would reach the images."""
+        bad = [name for name in ("table", "t", "s", "prior") if not bool(torch.isfinite(getattr(self, name)).all())]
+        if bad:
+            dyn = ", ".join(f"{k}={v}" for k, v in self.key[0]) if isinstance(self.key[0], tuple) else self.key[0]
+            raise ValueError(f"the {self.solver} step table of ({dyn}) has non-finite coefficients "
+                             f"({', '.join(bad)}); these dynamics cannot be sampled (with the official recipe, "
+                             "try recipe='exact')")
+
     @property
     def device(self):
         return self.table.device

@@ -226,12 +226,14 @@ def test_official_recipe_matches_official_code_over_h_and_k(record):
     """Numbers from running the official code (tests/data/official_weights_stats.json says which versions).
 
     The official weights come from a float32 solve of an ill-conditioned system (cond ~2e4 at K = 4), so
-    the bound is relative to the largest weight; alpha and sigma_c carry its RK45 (rtol 1e-3) X row.
+    the bound is relative to the largest weight: measured at most 9.7e-7 here, bound 1e-5 (the exact recipe
+    is 9.7e-5 off for FVE K3, so the bound tells the recipes apart); alpha and sigma_c carry its RK45
+    (rtol 1e-3) X row: measured 1.7e-4 and 5.2e-4.
     """
     t, _ = _official_records()
     dyn = make_dynamics(record["dynamics"], hurst=record["hurst"], num_aug=record["num_aug"], recipe="official")
     omega = np.array(record["omega"])
-    assert np.abs(dyn.omega.numpy() - omega).max() <= 1e-4 * np.abs(omega).max()
+    assert np.abs(dyn.omega.numpy() - omega).max() <= 1e-5 * np.abs(omega).max()
     st = dyn.marginal_stats(np.array(t))
     alpha = np.array(record["alpha"]).reshape(len(t), -1)
     assert np.abs(st.alpha.numpy().reshape(len(t), -1) - alpha).max() <= 1e-3 * np.abs(alpha).max()

@@ -13,6 +13,7 @@ from test_ops import CUDA
 from gfdm_fast import Sampler, make_dynamics
 from gfdm_fast import reference as ref
 from gfdm_fast.expint import _step_orders, build_exp_table, step_coefficients, time_grid
+from gfdm_fast.layout import exp_offsets
 from gfdm_fast.oracle import GaussianMixture, MixtureOracle
 
 SHAPE = (1, 3, 5)
@@ -66,9 +67,9 @@ def test_sampler_order3_ring_and_corrector_match_list_twin(backend, order, corre
     oracle = MixtureOracle(dyn)
     steps = 8
     smp = Sampler(dyn, oracle, steps=steps, mode="ode", solver="exp", backend=backend, device=device, order=order,
-                  grid="logsnr", corrector=corrector, lower_final=False)
+                  grid="logsnr", corrector=corrector, lower_final=False, sigma_data=0.0)
     smp.table = build_exp_table(dyn, steps, mode="ode", order=order, grid="logsnr", corrector=corrector,
-                                lower_final=False, substeps=16, device=device)
+                                lower_final=False, sigma_data=0.0, substeps=16, device=device)   # the twin: no split
     x = smp.sample(3, SHAPE, seed=5).cpu().double()
     twin = _twin(dyn, oracle, steps, "ode", order, "logsnr", corrector, torch.arange(5, 8))
     err = (x - twin).abs().max().item()
@@ -80,16 +81,16 @@ def test_sde_corrector_matches_list_twin_with_given_noise():
     oracle = MixtureOracle(dyn)
     steps, B = 6, 2
     smp = Sampler(dyn, oracle, steps=steps, mode="sde", solver="exp", backend="torch", order=3, grid="logsnr",
-                  corrector=True, lower_final=False)
+                  corrector=True, lower_final=False, sigma_data=0.0)
     smp.table = build_exp_table(dyn, steps, mode="sde", order=3, grid="logsnr", corrector=True, lower_final=False,
-                                substeps=16)
+                                sigma_data=0.0, substeps=16)                      # the twin has no Gaussian split
     xi = torch.randn(steps, 3, B, *SHAPE, generator=torch.Generator().manual_seed(0))
     z = torch.empty(3, B, *SHAPE)
     x_in = torch.empty(B, *SHAPE)
     seeds = torch.arange(B)
     ref.prior_planar(z, x_in, smp.table.prior, seeds)
     smp.run(z, x_in, seeds=seeds, noise=xi)
-    o = smp.table.table.shape[1] - 2 - 9                   # L (3 x 3) sits before alpha_next (K = 2)
+    o = exp_offsets(2, 3)[3]                               # L (3 x 3) of K = 2, order 3
     L = smp.table.table[:, o:o + 9].double().reshape(steps, 3, 3).numpy()
     twin = _twin(dyn, oracle, steps, "sde", 3, "logsnr", True, seeds, noise=(L, xi.double().numpy()))
     assert (z[0].double() - twin).abs().max().item() < 2e-4
@@ -109,12 +110,13 @@ def _vp_ode(steps, order=3, corrector=True):
 @pytest.mark.parametrize("order,corrector,rate", [(1, False, 1.0), (2, False, 2.0), (3, False, 3.0),
                                                    (2, True, 2.0), (3, True, 3.0)])
 def test_each_order_converges_at_its_rate(order, corrector, rate):
-    """ODE, same prior draw: error against a 320-step order-3 run; the observed slope between 20 and 40 steps
-    (pre-asymptotic for order 3 without corrector: measured 2.59), so the bound is rate - 0.45."""
+    """ODE, same prior draw: error against a 320-step order-3 run; the observed slope between 40 and 80 steps
+    (measured 0.99, 2.12, 2.85, 2.04 with corrector, 3.18 with corrector; between 20 and 40 order 3 was still
+    pre-asymptotic at 2.59, below order 2's 2.50 + noise), bound rate - 0.25: order 2 (2.12) fails order 3's."""
     best = _vp_ode(320)
-    e20, e40 = ((_vp_ode(n, order, corrector) - best).abs().mean().item() for n in (20, 40))
-    slope = np.log2(e20 / e40)
-    assert slope > rate - 0.45, (e20, e40, slope)
+    e40, e80 = ((_vp_ode(n, order, corrector) - best).abs().mean().item() for n in (40, 80))
+    slope = np.log2(e40 / e80)
+    assert slope > rate - 0.25, (e40, e80, slope)
 
 NARROW = GaussianMixture((0.25, 0.35, 0.4), (-0.7, 0.05, 0.6), (0.05, 0.06, 0.04))   # narrower modes than the default
 FEW = [("fvp", 0.5, 0), ("fvp", 0.9, 2), ("fve", 0.7, 2)]
@@ -131,17 +133,19 @@ def _w1_default(name, hurst, K, mode, steps, mix=GaussianMixture(), images=4, **
 @pytest.mark.parametrize("name,hurst,K", FEW)
 @pytest.mark.parametrize("mode", ["ode", "sde"])
 def test_few_step_targets_at_ci_size(name, hurst, K, mode):
-    """Issue 13's 20-NFE targets (VP 6e-3, fractional 15e-3) with the defaults, on 4096 pixels: the Monte-Carlo
-    floor there is ~8e-3 +- 3e-3 (W1 of 4096 exact mixture draws against 200k), so the bound is target + 1e-2."""
+    """Issue 13's 20-NFE targets (VP 6e-3, fractional 15e-3) with the defaults, on 65,536 pixels: W1 of exact
+    mixture draws of that size against the 200k target is 2.6e-3 +- 1.0e-3 (10 draws), so the bound is the
+    target + 3 sd. Measured 2.1 / 2.9 (VP ode / sde), 10.2 / 13.1 (FVP), 3.3 / 4.5 (FVE), x 1e-3."""
     bound = 6e-3 if K == 0 else 15e-3
-    assert _w1_default(name, hurst, K, mode, 20) < bound + 1e-2
+    assert _w1_default(name, hurst, K, mode, 20, images=64) < bound + 3e-3
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,hurst,K", FEW)
 def test_defaults_generalise_to_narrow_modes(name, hurst, K):
-    """Another per-pixel law (three narrow modes): the defaults at 20 NFE stay within the fractional target + margin."""
-    assert _w1_default(name, hurst, K, "ode", 20, mix=NARROW) < 15e-3 + 1e-2
+    """Another per-pixel law (three narrow modes): the defaults at 20 NFE stay within the fractional target
+    + 3 sd of that law's floor (2.2e-3 +- 0.8e-3 at 65,536 pixels); measured 2.2, 9.4, 5.6 x 1e-3."""
+    assert _w1_default(name, hurst, K, "ode", 20, mix=NARROW, images=64) < 15e-3 + 2.5e-3
 
 
 @pytest.mark.slow
@@ -152,4 +156,18 @@ def test_defaults_never_worse_than_order1_on_the_same_grid(name, hurst, K, steps
     grid = Sampler(dyn, MixtureOracle(dyn), steps=steps, solver="exp").solver_options["grid"]
     d = _w1_default(name, hurst, K, "ode", steps)
     o1 = _w1_default(name, hurst, K, "ode", steps, order=1, corrector=False, grid=grid, sigma_data=0.0)
-    assert d < o1 + 5e-3, (d, o1)            # 5e-3: the Monte-Carlo spread of W1 between two 4096-pixel runs
+    # paired runs (same prior draw and grid): measured d / o1 = 0.17-0.67, so "never worse" is asserted with room
+    assert d < 0.8 * o1, (d, o1)
+
+
+@pytest.mark.parametrize("name,hurst,K", FEW)
+def test_gaussian_part_is_exact_for_gaussian_data(name, hurst, K):
+    """With data N(0, 0.5^2) and sigma_data = 0.5 the whole denoiser is the Gaussian part, which the table
+    integrates exactly with the linear part: 2 order-1 steps land where 400 do. Measured max |diff| 3.5e-5
+    (VP), 2.1e-4 (FVP K2), 4.4e-3 (FVE K2, the 400-step run's own error); a 1% error in the Gaussian gain
+    moves the 2-step result by ~0.1."""
+    gauss = GaussianMixture((1.0,), (0.0,), (0.5,))
+    dyn = make_dynamics(name, hurst=hurst, num_aug=K)
+    outs = [Sampler(dyn, MixtureOracle(dyn, gauss), steps=n, mode="ode", solver="exp", order=1, corrector=False,
+                    sigma_data=0.5, grid="logsnr").sample(4, (1, 16, 16), seed=3).double() for n in (2, 400)]
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-2

@@ -46,7 +46,7 @@ def _shards(out):
     return np.concatenate([np.load(p)["arr_0"] for p in files])
 
 
-def test_training_on_cuda_writes_a_finite_resumable_run(cuda_run):
+def test_training_on_cuda_writes_a_finite_run_and_its_files(cuda_run):
     run = next((cuda_run / "runs").iterdir())
     meta = json.loads((run / "gfdm_run.json").read_text())
     assert meta["train"]["device"] == "cuda", meta["train"]
@@ -62,32 +62,41 @@ def test_training_on_cuda_writes_a_finite_resumable_run(cuda_run):
                                    ["--solver", "exp", "--steps", "10", "--precision", "bf16", "--cuda-graphs"]],
                          ids=["em20", "exp10", "exp10_bf16_graphs"])
 def test_generate_on_cuda_matches_the_cpu(cuda_run, tmp_path, extra):
-    """The same run, seeds and flags on cuda and on the CPU: uint8 shards that agree to a level or two
-    (fp32; Philox noise is the same on every device), bf16 within a few levels on average."""
-    outs = {}
-    for dev in ("cuda", "cpu"):
-        if dev == "cpu" and "--cuda-graphs" in extra:
-            flags = [f for f in extra if f not in ("--precision", "bf16", "--cuda-graphs")]
-        else:
-            flags = extra
+    """The same run, seeds and flags on cuda and on the CPU (Philox noise is the same on every device).
+    fp32: the Sampler's cuda-vs-CPU error is ~1e-5 relative (test_sampler_on_cuda_equals_the_cpu_sampler), so a
+    uint8 level flips only for a value within that of a rounding boundary: at most one level, on < 1% of pixels.
+    bf16: bounded by twice the bf16-vs-fp32 gap of the same run on the CPU, plus one level; CUDA graphs give
+    the eager bits. Most pixels of this tiny model saturate at 0 or 255: the float-level comparison is
+    test_sampler_on_cuda_equals_the_cpu_sampler; this one proves the CLI path on cuda."""
+    def generate(dev, flags):
+        out = tmp_path / f"{dev}{len(list(tmp_path.iterdir()))}"
         rc = main(["generate", "--run_id", "g", "--data_name", "digits", "--output_dir", str(cuda_run / "runs"),
                    "--device", dev, "--progress", "False", "--n_samples", "12", "--batch_size", "6",
-                   "--shard-size", "6", "--out", str(tmp_path / dev), *flags])
+                   "--shard-size", "6", "--out", str(out), *flags])
         assert rc == 0
-        outs[dev] = _shards(tmp_path / dev).astype(np.int16)
-    assert outs["cuda"].shape == outs["cpu"].shape == (12, 8, 8, 1)
-    diff = np.abs(outs["cuda"] - outs["cpu"])
-    print(f"\ngenerate {' '.join(extra)}: cuda vs cpu uint8 levels: max {diff.max()}, mean {diff.mean():.4f}")
+        return _shards(out).astype(np.int16)
+
+    fp32 = [f for f in extra if f not in ("--precision", "bf16", "--cuda-graphs")]
+    cuda, cpu = generate("cuda", extra), generate("cpu", fp32)
+    assert cuda.shape == cpu.shape == (12, 8, 8, 1)
+    diff = np.abs(cuda - cpu)
+    print(f"\ngenerate {' '.join(extra)}: cuda vs cpu fp32, uint8 levels: max {diff.max()}, mean {diff.mean():.4f}")
+    if "--cuda-graphs" in extra:          # a replayed graph runs the eager kernels: the same bits
+        assert np.array_equal(generate("cuda", [f for f in extra if f != "--cuda-graphs"]), cuda)
     if "bf16" in extra:
-        assert diff.mean() < 8, diff.mean()
+        gap = np.abs(generate("cpu", [*fp32, "--precision", "bf16"]) - cpu).mean()
+        print(f"  cpu bf16 vs cpu fp32: mean {gap:.4f} levels")
+        assert diff.mean() <= 2 * gap + 1, (diff.mean(), gap)
     else:
-        assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_sampler_on_cuda_equals_the_cpu_sampler(backend):
     """A small UNet, 8 exp steps (order 3: the history ring wraps) and 8 em steps, float32, on cuda with each
-    GPU backend against the cpp backend on the CPU."""
+    GPU backend against the cpp backend on the CPU. Calibrated like test_ops.assert_calibrated: the bound is
+    4x the spread between two CPU backends (cpp, torch) of the same run, which is the float32 rounding of
+    this trajectory (measured on an H200: cuda-vs-cpu 1.0-1.2x that spread)."""
     torch.manual_seed(0)
     config = config_from_flags(image_size=8, channels=1, model_channels=16, num_res_blocks=1,
                                channel_mult="1,2", attn_resolutions="2", num_classes=10, dropout=0.0)
@@ -97,14 +106,15 @@ def test_sampler_on_cuda_equals_the_cpu_sampler(backend):
     dyn = make_dynamics("fvp", hurst=0.9, num_aug=3)
     for solver, kw in (("exp", dict(order=3)), ("em", {})):
         got = {}
-        for dev, be in (("cpu", "cpp"), ("cuda", backend)):
+        for dev, be in (("cpu", "cpp"), ("cpu", "torch"), ("cuda", backend)):
             smp = Sampler(dyn, model.to(dev), steps=8, mode="sde", solver=solver, backend=be, device=dev,
                           num_classes=10, **kw)
-            got[dev] = smp.sample(5, (1, 8, 8), seed=11).cpu().double()
-        err = (got["cuda"] - got["cpu"]).abs().max().item()
-        scale = got["cpu"].abs().max().item()
-        print(f"\nSampler {solver} {backend}: max |cuda - cpu| = {err:.3g} (scale {scale:.3g})")
-        assert torch.isfinite(got["cuda"]).all() and err < 1e-3 * max(1.0, scale), err
+            got[be if dev == "cpu" else dev] = smp.sample(5, (1, 8, 8), seed=11).cpu().double()
+        spread = (got["torch"] - got["cpp"]).abs().max().item()
+        err = (got["cuda"] - got["cpp"]).abs().max().item()
+        bound = 4 * spread + 4 * 2 ** -23 * got["cpp"].abs().max().item()
+        print(f"\nSampler {solver} {backend}: max |cuda - cpu| = {err:.3g}, cpu backends' spread {spread:.3g}")
+        assert torch.isfinite(got["cuda"]).all() and err <= bound, (err, bound)
 
 
 def test_official_loop_runs_on_cuda():

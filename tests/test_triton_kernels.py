@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from test_ops import assert_calibrated, device_for
 
 from gfdm_fast import make_dynamics, ops
 from gfdm_fast import reference as ref
@@ -22,7 +23,7 @@ import triton.language as tl  # noqa: E402 (after the skip: triton is optional)
 from gfdm_fast.kernels import philox as kphilox  # noqa: E402
 
 # These run on CUDA tensors (compiled) with a GPU, else on CPU tensors under the interpreter.
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DEV = device_for("triton")
 interpreted = pytest.mark.skipif(DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
                                  reason="CPU tensors need TRITON_INTERPRET=1")
 
@@ -98,17 +99,6 @@ def _tables(K, mode, name, steps=10):
     dyn = make_dynamics(name, hurst=0.7 if K else 0.5, num_aug=K)
     return (S.build_em_table(dyn, steps, mode=mode, dtype=torch.float32),
             S.build_em_table(dyn, steps, mode=mode, dtype=torch.float64))
-
-
-def assert_calibrated(out, out32, out64, what):
-    """max|out - out64| <= 2 max|out32 - out64| + 4 ulp(scale), as test_ops; reports where it fails."""
-    out, out32, out64 = out.double().cpu(), out32.double().cpu(), out64.double().cpu()
-    assert torch.isfinite(out).all(), f"{what}: non-finite output"
-    bound = 2 * (out32 - out64).abs().max().item() + 4 * 2 ** -23 * out64.abs().max().item()
-    err = (out - out64).abs()
-    bad = err > bound
-    assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.numel()} elements off by more than {bound:.3g} "
-                           f"(max {err.max().item():.3g}); first at {tuple(torch.nonzero(bad)[0].tolist())}")
 
 
 def _check_em_step(device, K, mode, name, shape, step):
@@ -245,13 +235,6 @@ def test_64bit_offsets_give_the_same_result(monkeypatch):
 
 
 # ---- native GPU -----------------------------------------------------------------------------------
-@pytest.mark.gpu
-def test_philox_gpu():
-    _check_kat("cuda")
-    _check_words_match_reference("cuda")
-    _check_normal_matches_reference("cuda", STREAM_EM)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("K,mode,name,step", [(0, "sde", "fvp", 1), (3, "sde", "fve", 4), (5, "ode", "fvp", 2),
                                               (8, "sde", "fvp", 3), (3, "sde", "fvp", 9)])
