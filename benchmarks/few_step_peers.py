@@ -27,7 +27,7 @@ NFE is counted per network call.
 Every peer is reported on its best schedule per NFE (the schedule is named), mean over ``--seeds`` seeds.
 Checks, printed and stored in the JSON: (1) gfdm-fast's order-1 exp ODE step (no corrector, no Gaussian
 part) on a grid equals k-diffusion's Euler (DDIM) on the same sigmas; (2) every sampler at ~1000 NFE
-reaches the floor (within 3 floors).
+reaches the floor (below its mean + 3 sd over 12 exact draws of the same size; the ones that do not are named).
 
 Needs the optional ``peers`` extra (``pip install -e .[peers]``; k-diffusion pulls in its training
 stack: a separate environment, or ``pip install --target DIR --no-deps k-diffusion==0.1.1.post1
@@ -50,6 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gfdm_fast import Sampler, make_dynamics, ops  # noqa: E402
+from gfdm_fast import schedule as S  # noqa: E402
 from gfdm_fast.expint import time_grid  # noqa: E402
 from gfdm_fast.oracle import GaussianMixture, MixtureOracle, w1  # noqa: E402
 
@@ -104,12 +105,14 @@ class Problem:
         self.mix = GaussianMixture()
         self.images = images
         self.target = self.mix.sample(target_n, torch.Generator().manual_seed(0))
-        self.floor = w1(self.mix.sample(images * math.prod(SHAPE), torch.Generator().manual_seed(1)), self.target)
+        # the Monte-Carlo floor: W1 of exact mixture draws of the same size, its mean and spread over 12 draws
+        floors = [w1(self.mix.sample(images * math.prod(SHAPE), torch.Generator().manual_seed(s)), self.target)
+                  for s in range(1, 13)]
+        self.floor, self.floor_sd = float(np.mean(floors)), float(np.std(floors, ddof=1))
         st = self.dyn.marginal_stats(np.array([self.dyn.T, EPS]))
         (self.c_T, self.c_eps), (self.sig_T, self.sig_eps) = st.mean_scale.tolist(), st.sigma_c.tolist()
         self.sigma_max, self.sigma_min = self.sig_T / self.c_T, self.sig_eps / self.c_eps
-        self._params = tuple(torch.tensor(v, dtype=torch.float64) for v in (self.mix.weights, self.mix.means,
-                                                                             self.mix.stds))
+        self.prior_vector = torch.tensor(S.prior_vector(self.dyn, self.dyn.T), dtype=torch.float32)
 
     def sigma_of_t(self, t):
         st = self.dyn.marginal_stats(np.asarray(t, dtype=np.float64))
@@ -117,20 +120,14 @@ class Problem:
 
     def prior(self, seed):
         """X_T of images seed..seed+images-1, as gfdm-fast's sampler draws it (K = 0: the state is X)."""
-        smp = Sampler(self.dyn, MixtureOracle(self.dyn), steps=2, mode="ode", solver="em", device="cpu")
         z = torch.empty(1, self.images, *SHAPE)
-        x = torch.empty(self.images, *SHAPE)
-        ops.prior_draw(z, x, smp.table, torch.arange(seed, seed + self.images), backend="torch")
-        return z[0].clone()
+        ops.prior_draw(z, torch.empty(self.images, *SHAPE), self.prior_vector, torch.arange(seed, seed + self.images),
+                       backend="torch")
+        return z[0]
 
     def denoise(self, x, sigma):
-        """E[x0 | x0 + sigma n = x] for the mixture (float64 inside)."""
-        w, m, sd = self._params
-        xd = x.double()[..., None]
-        var = sd * sd + sigma * sigma
-        logp = torch.log(w) - 0.5 * torch.log(var) - 0.5 * (xd - m) ** 2 / var
-        post = torch.softmax(logp, dim=-1)
-        return (post * (m + sd * sd / var * (xd - m))).sum(-1).to(x.dtype)
+        """The peers' denoiser D(x, sigma) = E[x0 | x0 + sigma n = x] (the oracle's posterior at c = 1)."""
+        return self.mix.posterior_mean(x, 1.0, sigma).to(x.dtype)
 
     def score(self, x_eps):
         """W1 x 1e3 of end-point samples in the x_t scale (t = eps)."""
@@ -139,13 +136,10 @@ class Problem:
 
 # ---- samplers ---------------------------------------------------------------------------------------
 def run_gfdm(prob, nfe, mode, seed, **opts):
-    smp = Sampler(prob.dyn, MixtureOracle(prob.dyn), steps=nfe, mode=mode, solver=opts.pop("solver", "exp"),
-                  device="cpu", backend="torch", **opts)
-    x_T = prob.prior(seed)
-    z = x_T[None].clone()
-    x_in = x_T.clone()
-    smp.run(z, x_in, seeds=torch.arange(seed, seed + prob.images))
-    return z[0], smp.nfe, smp
+    """gfdm-fast's sampler (image i uses seed + i: the same prior draw as Problem.prior)."""
+    smp = Sampler(prob.dyn, MixtureOracle(prob.dyn, prob.mix), steps=nfe, mode=mode,
+                  solver=opts.pop("solver", "exp"), device="cpu", backend="torch", **opts)
+    return smp.sample(prob.images, SHAPE, seed=seed, batch_size=prob.images), smp.nfe
 
 
 def kdiff_sigmas(ks, prob, schedule, steps):
@@ -227,7 +221,7 @@ def run_diffusers(diffusers, prob, name, schedule, nfe, seed):
 # ---- the benchmark ----------------------------------------------------------------------------------
 def check_euler_equals_order1(ks, prob, steps=10):
     """gfdm-fast's order-1 exp ODE step on the uniform t grid == k-diffusion's Euler on the same sigmas."""
-    x_g, _, _ = run_gfdm(prob, steps, "ode", 0, order=1, grid="uniform", corrector=False, sigma_data=0.0)
+    x_g, _ = run_gfdm(prob, steps, "ode", 0, order=1, grid="uniform", corrector=False, sigma_data=0.0)
     x_k, _ = run_kdiff(ks, prob, "euler", "uniform_t", steps, 0)
     return float((x_g - x_k).abs().max())
 
@@ -239,7 +233,7 @@ def run(cfg, log=print):
     prob = Problem(cfg["images"], cfg["target"])
     pixels = prob.images * math.prod(SHAPE)
     log(f"VP oracle problem: {pixels} pixels per run, sigma {prob.sigma_min:.4g}..{prob.sigma_max:.4g}, "
-        f"floor W1 x 1e3 = {1e3 * prob.floor:.2f}")
+        f"floor W1 x 1e3 = {1e3 * prob.floor:.2f} +- {1e3 * prob.floor_sd:.2f}")
     rows = []
 
     def add(family, name, mode, schedule, nfe_target, fn):
@@ -255,10 +249,10 @@ def run(cfg, log=print):
     for nfe in cfg["nfe"]:
         for mode in ("ode", "sde"):
             add("gfdm-fast", "exp (defaults)", mode, "default", nfe,
-                lambda s, m=mode, n=nfe: run_gfdm(prob, n, m, s)[:2])
+                lambda s, m=mode, n=nfe: run_gfdm(prob, n, m, s))
             add("gfdm-fast", "exp order 1 (DDIM)", mode, "uniform", nfe,
                 lambda s, m=mode, n=nfe: run_gfdm(prob, n, m, s, order=1, grid="uniform", corrector=False,
-                                                  sigma_data=0.0)[:2])
+                                                  sigma_data=0.0))
         for name, (mode, per_step) in KDIFF.items():
             if nfe < per_step:
                 continue
@@ -271,7 +265,7 @@ def run(cfg, log=print):
                     lambda s, n=name, sc=sched, k=nfe: run_diffusers(diffusers, prob, n, sc, k, s))
         log(f"  NFE {nfe}: done ({time.perf_counter() - t0:.0f} s)")
 
-    checks = {"floor_w1e3": round(1e3 * prob.floor, 3),
+    checks = {"floor_w1e3": round(1e3 * prob.floor, 3), "floor_sd_w1e3": round(1e3 * prob.floor_sd, 3),
               "gfdm_order1_vs_kdiff_euler_max_abs": check_euler_equals_order1(ks, prob)}
     long = {}
     for name, (mode, per_step) in KDIFF.items():
@@ -284,7 +278,9 @@ def run(cfg, log=print):
         long[f"gfdm-fast exp {mode}"] = prob.score(run_gfdm(prob, 1000, mode, 0)[0])
         long[f"gfdm-fast em {mode}"] = prob.score(run_gfdm(prob, 1000, mode, 0, solver="em")[0])
     checks["w1e3_at_1000_nfe"] = {k: round(v, 3) for k, v in long.items()}
-    checks["all_reach_floor"] = all(v <= 3 * 1e3 * prob.floor for v in long.values())
+    reach = 1e3 * (prob.floor + 3 * prob.floor_sd)          # an exact sample lands below this 99.9% of the time
+    checks["floor_reached_below"] = round(reach, 3)
+    checks["not_reaching_floor"] = sorted(k for k, v in long.items() if v > reach)
     return rows, checks
 
 
@@ -303,7 +299,8 @@ def format_table(rows, checks):
     nfes = sorted({r["nfe_target"] for r in rows})
     out = []
     for mode in ("ode", "sde"):
-        out.append(f"VP {mode}: W1 x 1e3 (best schedule per NFE in brackets); floor {checks['floor_w1e3']:.2f}")
+        out.append(f"VP {mode}: W1 x 1e3 (best schedule per NFE in brackets); floor {checks['floor_w1e3']:.2f} "
+                   f"+- {checks['floor_sd_w1e3']:.2f}")
         out.append(f"{'sampler':34s} " + " ".join(f"{n:>18d}" for n in nfes))
         names = sorted({(k[0], k[1]) for k in best if k[2] == mode}, key=lambda k: (k[0] != "gfdm-fast", k))
         for fam, name in names:
@@ -318,13 +315,16 @@ def format_table(rows, checks):
             g = best[("gfdm-fast", "exp (defaults)", mode, n)]["w1e3"]
             peers = [r for k, r in best.items() if k[2] == mode and k[3] == n and k[0] != "gfdm-fast"]
             p = min(peers, key=lambda r: r["w1e3"])
+            at_floor = checks["floor_w1e3"] + checks["floor_sd_w1e3"]     # within the floor's own spread
+            verdict = ("both at the floor (within its mean + 1 sd)" if max(g, p["w1e3"]) <= at_floor
+                       else "below the best peer" if g < p["w1e3"] else "NOT below the best peer")
             out.append(f"  {n} NFE: gfdm-fast defaults {g:.2f} (target <= {bound}) vs best peer {p['w1e3']:.2f} "
-                       f"({p['family']} {p['sampler']}, {p['schedule']}): "
-                       f"{'below' if g < p['w1e3'] else 'NOT below'} the best peer")
+                       f"({p['family']} {p['sampler']}, {p['schedule']}): {verdict}")
         out.append("")
     out.append(f"check: gfdm-fast order-1 exp ODE vs k-diffusion Euler on the same sigmas, max |diff| = "
                f"{checks['gfdm_order1_vs_kdiff_euler_max_abs']:.2e}")
-    out.append(f"check: every sampler at ~1000 NFE within 3 floors: {checks['all_reach_floor']} "
+    out.append(f"check: at ~1000 NFE, samplers above the floor's mean + 3 sd ({checks['floor_reached_below']:.2f}): "
+               f"{', '.join(checks['not_reaching_floor']) or 'none'} "
                f"(max {max(checks['w1e3_at_1000_nfe'].values()):.2f})")
     return "\n".join(out)
 

@@ -13,40 +13,15 @@ dispatch + kernel launch), which CUDA graphs remove.
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from gfdm_fast import make_dynamics, ops  # noqa: E402
+from gfdm_fast import bench, make_dynamics, ops  # noqa: E402
 from gfdm_fast import schedule as S  # noqa: E402
 from gfdm_fast.expint import build_exp_table  # noqa: E402
-
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def _timed(fn, dev, iters):
-    """Seconds per call of fn() (after two warm-up calls)."""
-    for _ in range(2):
-        fn()
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    _sync(dev)
-    return (time.perf_counter() - t0) / iters
-
-
-def copy_bandwidth(dev, nbytes):
-    """Bytes per second moved (read + write) by a device-to-device copy of ``nbytes``."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev)
-    dst = torch.empty_like(src)
-    return 2 * nbytes / _timed(lambda: dst.copy_(src), dev, 10)
 
 
 def bytes_per_pixel(solver, K, order=2):
@@ -59,7 +34,7 @@ def bytes_per_pixel(solver, K, order=2):
 
 def run(device, shape, Ks, iters, backends=None):
     dev = torch.device(device)
-    bw = copy_bandwidth(dev, 1 << 30 if dev.type == "cuda" else 1 << 26)
+    bw = bench.copy_bandwidth(dev, 1 << 28 if dev.type == "cuda" else 1 << 24)
     pixels = 1
     for s in shape:
         pixels *= s
@@ -86,7 +61,7 @@ def run(device, shape, Ks, iters, backends=None):
                     else:
                         ops.exp_step(z, e, x, h, table, n[0], seeds, backend=backend)
 
-                sec = _timed(step, dev, iters)
+                sec = bench.median_seconds(step, dev, warmup=2, repeats=iters)
                 floor = bytes_per_pixel(solver, K) / bw
                 rows.append({"device": str(dev), "solver": solver, "K": K, "backend": backend, "shape": list(shape),
                              "ns_per_pixel_step": 1e9 * sec / pixels, "floor_ns_per_pixel_step": 1e9 * floor,
@@ -103,14 +78,15 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shape", type=int, nargs=4, default=None, help="B C H W (default 1000 3 32 32; CPU 8 3 32 32)")
     ap.add_argument("--num-aug", type=int, nargs="+", default=[0, 2, 3])
-    ap.add_argument("--iters", type=int, default=None, help="timed steps (default 50 on a GPU, 5 on a CPU)")
+    ap.add_argument("--iters", type=int, default=None,
+                    help="repeats of the median (gfdm_fast.bench.median_seconds; default 10 on a GPU, 5 on a CPU)")
     ap.add_argument("--backends", nargs="+", default=None,
                     help="only these backends (default: every one available on the device)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
     shape = tuple(args.shape or ((1000, 3, 32, 32) if cuda else (8, 3, 32, 32)))
-    rows = run(args.device, shape, args.num_aug, args.iters or (50 if cuda else 5), args.backends)
+    rows = run(args.device, shape, args.num_aug, args.iters or (10 if cuda else 5), args.backends)
     print(f"copy bandwidth {rows[0]['copy_GBps']:.0f} GB/s on {args.device}" if rows else "no rows")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

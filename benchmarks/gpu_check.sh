@@ -105,7 +105,7 @@ stage fused_step 1 45 "$PY" benchmarks/fused_step.py --device cuda --shape 1000 
 stage fused_step_large 1 40 "$PY" benchmarks/fused_step.py --device cuda --shape 8000 3 32 32 --num-aug 0 3 \
   --backends triton cuda --json "$DEST/fused_step_cuda_b8000.json"
 stage fused_step_launch 1 30 "$PY" benchmarks/fused_step.py --device cuda --shape 1 3 32 32 --num-aug 3 \
-  --backends triton cuda --iters 200 --json "$DEST/fused_step_cuda_b1.json"
+  --backends triton cuda --iters 10 --json "$DEST/fused_step_cuda_b1.json"
 # the CPU suite's Triton and CUDA cases, now compiled on the GPU (the interpreter is off with a CUDA device);
 # one line per test (-v) so that a timeout still leaves every finished result in the log
 XDIST=()

@@ -28,9 +28,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gfdm_fast.data import load_dataset
-from gfdm_fast.io import save_grid
+from gfdm_fast.io import save_grid, to_uint8
 from gfdm_fast.metrics.judge import judge_report, load_judge, unit_images
 from gfdm_fast.models.presets import PRESETS
+from gfdm_fast.runs import STATE_FILE, run_name
 from gfdm_fast.sampler import Sampler
 from gfdm_fast.train import TrainConfig, train
 
@@ -61,10 +62,10 @@ def trained(name, args):
     """Train (or reuse / resume) the run of dynamics ``name``; returns (EMA network, dynamics, record)."""
     from gfdm_fast import checkpoint, make_dynamics
     cfg = train_config(name, args)
-    run_dir = os.path.join(cfg.output_dir, f"{cfg.wb_id}_{cfg.data_name}_H{float(cfg.hurst)}_K{int(cfg.num_aug)}")
+    run_dir = os.path.join(cfg.output_dir, run_name(cfg.wb_id, cfg.data_name, cfg.hurst, cfg.num_aug))
     done = os.path.join(run_dir, "real_data_done.json")
     if args.retrain or not os.path.isfile(done):
-        resume = os.path.isfile(os.path.join(run_dir, "train_state.pt")) and not args.retrain
+        resume = os.path.isfile(os.path.join(run_dir, STATE_FILE)) and not args.retrain
         if args.retrain and os.path.isdir(run_dir):
             import shutil
             shutil.rmtree(run_dir)
@@ -76,13 +77,9 @@ def trained(name, args):
             json.dump(record, f)
     with open(done) as f:
         record = json.load(f)
-    ck = checkpoint.load(os.path.join(run_dir, "train_state.pt"), use_ema=True)
+    ck = checkpoint.load(os.path.join(run_dir, STATE_FILE), use_ema=True)
     dyn = make_dynamics(ck.dynamics["name"], **{k: v for k, v in ck.dynamics.items() if k != "name"})
     return ck.model.eval(), dyn, record
-
-
-def to_uint8_nhwc(x):
-    return ((x.clamp(-1, 1).permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
 
 
 def main():
@@ -151,7 +148,7 @@ def main():
             row_name = f"{name}_{tag}" if tag != "em" else f"{name}_em{args.em_steps}"
             save_grid(x[:: max(1, n // 100)][:100], os.path.join(args.out, f"grid_{row_name}.png"), nrow=10)
             if tag in HEADLINE:
-                np.savez_compressed(os.path.join(args.out, f"{row_name}.npz"), images=to_uint8_nhwc(x),
+                np.savez_compressed(os.path.join(args.out, f"{row_name}.npz"), images=to_uint8(x),
                                     labels=lab.numpy())
             rows.append({"row": row_name, "dynamics": name, "sampler": f"{kw['solver']} {kw['mode']}",
                          "nfe": s.nfe, "seconds": sec, **judge_report(judge, (x.clamp(-1, 1) + 1) / 2, lab, held)})

@@ -24,15 +24,13 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gfdm_fast import make_dynamics, ops
+from gfdm_fast import bench, make_dynamics, ops
 from gfdm_fast import reference as ref
 from gfdm_fast import schedule as S
 
@@ -46,35 +44,6 @@ FUSED = ("torch", "cpp", "triton", "cuda")
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def median_seconds(fn, device, *, warmup, repeats, min_time=0.05):
-    """Median seconds per call; a group of calls fills ``min_time`` (CPU) or do_bench decides (GPU)."""
-    if device.type == "cuda":
-        import triton.testing
-        return triton.testing.do_bench(fn, warmup=25, rep=100 * repeats // 5 or 25, return_mode="median") * 1e-3
-    for _ in range(warmup):
-        fn()
-    t0 = time.perf_counter()
-    fn()
-    per_call = time.perf_counter() - t0
-    group = max(1, int(min_time / max(per_call, 1e-9)))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(group):
-            fn()
-        times.append((time.perf_counter() - t0) / group)
-    return statistics.median(times)
-
-
-def copy_bandwidth(device, quick):
-    """Bytes/s of a large float32 copy, counting the read and the write."""
-    n = (16 if quick else 64) * 2 ** 20 if device.type == "cpu" else 256 * 2 ** 20
-    src = torch.randn(n, device=device)
-    dst = torch.empty_like(src)
-    t = median_seconds(lambda: dst.copy_(src), device, warmup=2, repeats=5 if quick else 9)
-    return 2 * 4 * n / t
 
 
 def dynamics(K):
@@ -125,7 +94,8 @@ def official_step(K, batch, device, dyn):
 def run(device, quick):
     batch = QUICK_BATCH if quick else FULL_BATCH
     pixels = batch[0] * batch[1] * batch[2] * batch[3]
-    bw = copy_bandwidth(device, quick)
+    bw = bench.copy_bandwidth(device, (16 if quick else 64) * 2 ** 20 if device.type == "cpu" else 256 * 2 ** 20,
+                              repeats=5 if quick else 9)
     interpreted = device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     names = ["official"] + [b for b in FUSED if b in ops.available_backends(device)
                             and not (b == "triton" and interpreted)]
@@ -137,7 +107,7 @@ def run(device, quick):
             fn = official_step(K, batch, device, dyn) if name == "official" else fused_step(name, K, batch, device, dyn)
             slow = name in ("official", "torch")
             repeats = (3 if quick else 5) if slow else (5 if quick else 11)
-            sec = median_seconds(fn, device, warmup=1 if slow else 3, repeats=repeats)
+            sec = bench.median_seconds(fn, device, warmup=1 if slow else 3, repeats=repeats)
             ns = sec / pixels * 1e9
             rows.append({"backend": name, "device": device.type, "K": K, "batch": "x".join(map(str, batch)),
                          "ns_per_pixel_step": round(ns, 3), "gbytes_per_s": round(2 * (K + 2) * 4 / ns, 3)})

@@ -6,7 +6,7 @@ uses for a full-size input: ``triton.compile(..., target=GPUTarget("cuda", arch,
 ptxas -v on the PTX (Triton's bundled ptxas) for registers, stack frame and spills, and Triton's
 metadata for shared memory. Writes one JSON row per (kernel, specialisation, arch).
 
-    python benchmarks/triton_aot.py --json benchmarks/triton_aot_sm90.json          # everything, sm_90 + sm_80 (+100)
+    python benchmarks/triton_aot.py --json benchmarks/triton_aot.json               # everything: sm_90a, sm_80, sm_100a
     python benchmarks/triton_aot.py --subset --arch 90                               # the CI-sized set
 """
 import argparse

@@ -173,6 +173,34 @@ def _median_per_call(fn, device, min_time=0.2, repeats=5):
     return statistics.median(_timed(fn, device, group) / group for _ in range(repeats))
 
 
+def median_seconds(fn, device, *, warmup=3, repeats=5, min_time=0.05):
+    """Median seconds per call; a group of calls fills ``min_time`` (CPU) or do_bench decides (GPU)."""
+    if device.type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=100 * repeats // 5 or 25, return_mode="median") * 1e-3
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    per_call = time.perf_counter() - t0
+    group = max(1, int(min_time / max(per_call, 1e-9)))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(group):
+            fn()
+        times.append((time.perf_counter() - t0) / group)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device, numel, repeats=9):
+    """Bytes/s of a float32 copy of ``numel`` elements on ``device``, counting the read and the write: the
+    memory floor of the fused step benchmarks."""
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    return 2 * 4 * numel / median_seconds(lambda: dst.copy_(src), device, warmup=2, repeats=repeats)
+
+
 class PeakMemory:
     """Peak memory over a ``with`` block in MB: CUDA allocator peak, or process RSS sampled every 5 ms."""
 
