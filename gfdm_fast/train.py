@@ -35,7 +35,7 @@ from gfdm_fast.data import MicroBatches
 from gfdm_fast.ema import EMA
 from gfdm_fast.errors import UserError
 from gfdm_fast.io import atomic_save, save_grid
-from gfdm_fast.loss import TIME_WEIGHT, reduced_loss, sample_seeds
+from gfdm_fast.loss import TIME_SAMPLING, TIME_WEIGHT, TimeMap, reduced_loss, sample_seeds
 from gfdm_fast.runs import (
     STATE_FILE,
     FolderLock,
@@ -50,6 +50,7 @@ from gfdm_fast.train_config import (
     make_dyn,
     model_config,
     resume_config,
+    with_data_recipe,
 )
 from gfdm_fast.train_log import TrainLog
 
@@ -87,12 +88,15 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg = dataclasses.replace(cfg)
+        # unset optimiser fields take the data set's recipe; a resumed run keeps its own (resume_config)
+        self.cfg = cfg = dataclasses.replace(cfg) if cfg.resume else with_data_recipe(cfg)
         for name in ("batch_size", "train_steps", "accumulate_grad_batches", "log_every_n_steps", "log_model_every_n"):
-            if int(getattr(cfg, name)) < 1:
+            if getattr(cfg, name) is not None and int(getattr(cfg, name)) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
         if cfg.precision not in ("fp32", "bf16"):
             raise UserError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
+        if cfg.time_sampling not in (None, *TIME_SAMPLING):
+            raise UserError(f"--time_sampling must be one of {', '.join(TIME_SAMPLING)}, got {cfg.time_sampling!r}")
         cfg.data_name = str(cfg.data_name).lower()
         self.dist = distributed.setup(cfg.device)
         self.device = self.dist.device
@@ -102,7 +106,7 @@ class Trainer:
         self.resume_changes = {}
         if self.state_in is not None:   # the run's own settings, with what the user may change on top
             cfg, self.resume_changes = resume_config(cfg, self.state_in)
-            self.cfg = cfg
+        self.cfg = cfg = with_data_recipe(cfg)
         if cfg.seed is None:
             cfg.seed = self.dist.broadcast(int.from_bytes(os.urandom(4), "little") >> 1)
         if cfg.wb_id is None:
@@ -119,6 +123,7 @@ class Trainer:
         if len(self.dataset) < cfg.batch_size:
             raise UserError(f"--batch_size {cfg.batch_size} is larger than the data set ({len(self.dataset)} images)")
         self.dyn = make_dyn(cfg)
+        self.time_map = TimeMap(self.dyn, cfg.time_sampling)
         self.run_dir = (self.resume_dir if self.state_in is not None else
                         os.path.join(cfg.output_dir, run_name(cfg.wb_id, cfg.data_name, cfg.hurst, cfg.num_aug)))
         self.lock = None
@@ -245,7 +250,7 @@ class Trainer:
         """Reduced-form loss of micro-batch ``m`` (its Philox keys give eps and t)."""
         label = y if self.net_config.num_classes is not None else None
         return reduced_loss(self.net, self.dyn, x0, label, sample_seeds(self.cfg.seed, m, x0.shape[0]),
-                            precision=self.cfg.precision)
+                            precision=self.cfg.precision, time_map=self.time_map)
 
     def train_step(self, batches):
         cfg, accum = self.cfg, self.cfg.accumulate_grad_batches

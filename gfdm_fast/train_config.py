@@ -33,13 +33,14 @@ class TrainConfig:
     dropout: float | None = None
     # optimisation
     use_ema: bool = True
-    lr: float = 2e-4
-    batch_size: int = 128                    # per process and micro-batch
+    lr: float | None = None                  # None: the data set's recipe, else OFFICIAL_DEFAULTS
+    batch_size: int | None = None            # per process and micro-batch; None: as lr
     train_steps: int = 100_000               # optimizer steps
     use_lr_scheduler: bool = False           # OneCycleLR(max_lr=lr, total_steps=train_steps)
     gradient_clip_val: float = 1.0           # 0: no clipping
     accumulate_grad_batches: int = 1
     precision: str = "fp32"                  # or bf16 (autocast)
+    time_sampling: str | None = None         # uniform or vp_snr (loss.TimeMap); None: as lr
     compile: bool = False
     seed: int | None = None                  # None: drawn, then recorded in gfdm_run.json
     max_minutes: float | None = None         # stop at the first log row past this wall time (final files written)
@@ -66,6 +67,19 @@ RESUME_SAFE = ("lr", "train_steps", "gradient_clip_val", "max_minutes", "log_mod
                "nonfinite", "output_dir", "data_dir", "download")
 RESUME_IGNORED = ("resume", "explicit", "extra", "seed", "wb_id")
 
+
+
+# What the official train.py uses where neither the user nor the data set's recipe sets a value.
+OFFICIAL_DEFAULTS = {"lr": 2e-4, "batch_size": 128, "time_sampling": "uniform"}
+
+
+def with_data_recipe(cfg):
+    """``cfg`` with its unset (None) optimiser fields filled: the data set's recipe
+    (models.presets.DATA_RECIPES, e.g. mnist5k), else OFFICIAL_DEFAULTS."""
+    from gfdm_fast.models.presets import DATA_RECIPES
+    recipe = DATA_RECIPES.get(str(cfg.data_name).lower(), {})
+    return dataclasses.replace(cfg, **{k: recipe.get(k, v) for k, v in OFFICIAL_DEFAULTS.items()
+                                       if getattr(cfg, k) is None})
 
 
 def model_config(cfg, channels, image_size):
@@ -129,6 +143,8 @@ def resume_config(cfg, state):
         name, new = f.name, getattr(cfg, f.name)
         if name in RESUME_IGNORED or name not in saved:
             out[name] = saved.get(name, new) if name in ("seed", "wb_id") else new
+            if name not in saved and name in OFFICIAL_DEFAULTS:   # a run from before the field existed
+                out[name] = OFFICIAL_DEFAULTS[name]
             continue
         old = saved[name]
         if name not in explicit or new == old:

@@ -38,13 +38,17 @@ def add_arguments(parser):
     m.add_argument("--dropout", type=float, default=None)
     o = parser.add_argument_group("optimisation")
     o.add_argument("--use_ema", type=parse_bool, default=True, help="keep an EMA of the weights (default True)")
-    o.add_argument("--lr", type=float, default=2e-4)
-    o.add_argument("--batch_size", type=int, default=128, help="per process and micro-batch (default 128)")
+    o.add_argument("--lr", type=float, default=None, help="default 2e-4 (mnist5k: 1e-3, its CPU recipe)")
+    o.add_argument("--batch_size", type=int, default=None,
+                   help="per process and micro-batch (default 128; mnist5k: 64)")
     o.add_argument("--train_steps", type=int, default=100_000, help="optimizer steps (default 100000)")
     o.add_argument("--use_lr_scheduler", type=parse_bool, default=False, help="OneCycleLR (default False)")
     o.add_argument("--gradient_clip_val", type=float, default=1.0, help="0 disables clipping (default 1.0)")
     o.add_argument("--accumulate_grad_batches", type=int, default=1)
     o.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast (default fp32)")
+    o.add_argument("--time_sampling", default=None, choices=("uniform", "vp_snr"),
+                   help="training times: uniform in t (official; the default) or vp_snr (the noise levels "
+                        "VP trains on; mnist5k's default)")
     o.add_argument("--compile", type=parse_bool, default=False, help="torch.compile the network (default False)")
     o.add_argument("--seed", type=int, default=None, help="seed of weights, data order, noise (default: drawn, "
                                                          "recorded in gfdm_run.json)")
