@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gfdm_fast import Sampler, make_dynamics
-from gfdm_fast.oracle import GaussianMixture, MixtureOracle, w1
+from gfdm_fast.oracle import MIXTURES, MixtureOracle, w1
 
 DYNAMICS = [  # label, name, hurst, K: issue 13's table
     ("VP (K = 0)", "fvp", 0.5, 0),
@@ -53,21 +53,23 @@ def sample_w1(dyn, oracle, steps, mode, solver, images, target):
 
 
 def run(cfg, log=print):
-    target = GaussianMixture().sample(cfg["target"], torch.Generator().manual_seed(0))
+    mix = MIXTURES[cfg.get("mixture", "default")]
+    target = mix.sample(cfg["target"], torch.Generator().manual_seed(0))
     pixels = cfg["images"] * math.prod(SHAPE)
-    floor = w1(GaussianMixture().sample(pixels, torch.Generator().manual_seed(1)), target)
+    floor = w1(mix.sample(pixels, torch.Generator().manual_seed(1)), target)
     log(f"{pixels} pixels per run, target sample {cfg['target']}; Monte-Carlo floor W1 = {floor:.4f}")
     rows = []
     for label, name, hurst, K in DYNAMICS:
         dyn = make_dynamics(name, hurst=hurst, num_aug=K)
         for mode in MODES:
-            for solver in SOLVERS:
+            for solver in cfg.get("solvers", SOLVERS):
                 for oracle_dtype, steps_list in (("fp32", cfg["steps"]), ("bf16", cfg["bf16_steps"])):
                     round_to = torch.bfloat16 if oracle_dtype == "bf16" else None
                     for steps in steps_list:
-                        oracle = MixtureOracle(dyn, round_to=round_to)
+                        oracle = MixtureOracle(dyn, mix, round_to=round_to)
                         err, sec = sample_w1(dyn, oracle, steps, mode, solver, cfg["images"], target)
                         rows.append({"dynamics": label, "name": name, "hurst": hurst, "K": K, "mode": mode,
+                                     "mixture": cfg.get("mixture", "default"),
                                      "solver": solver, "oracle": oracle_dtype, "steps": steps, "pixels": pixels,
                                      "w1": round(err, 5), "seconds": round(sec, 2)})
                         log(f"  {label:12s} {mode} {solver:3s} {oracle_dtype} {steps:5d} steps: "
@@ -182,7 +184,13 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--steps", default=None, help="comma-separated NFE list instead of the preset's")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16-rounded oracle rows")
+    p.add_argument("--mixture", default="default", choices=sorted(MIXTURES),
+                   help="per-pixel law: the default two-mode mixture, or three narrow modes (generalisation check)")
+    p.add_argument("--solvers", default=",".join(SOLVERS), help="comma-separated, from em,exp (default both)")
     args = p.parse_args(argv)
+    solvers = tuple(v for v in args.solvers.split(",") if v)
+    if not solvers or set(solvers) - set(SOLVERS):
+        p.error(f"--solvers takes a comma-separated list from {','.join(SOLVERS)}, got {args.solvers!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -191,9 +199,10 @@ def main(argv=None):
         cfg["steps"] = tuple(int(v) for v in args.steps.split(","))
     if not args.bf16:
         cfg["bf16_steps"] = ()
+    cfg.update(mixture=args.mixture, solvers=solvers)
     t0 = time.perf_counter()
     print(f"oracle test bed, torch {torch.__version__}, {datetime.date.today().isoformat()}, "
-          f"{'--quick' if args.quick else 'full'}", flush=True)
+          f"{'--quick' if args.quick else 'full'}, {args.mixture} mixture", flush=True)
     rows, floor = run(cfg, log=lambda m: print(m, flush=True))
     print()
     print(format_table(rows, floor))

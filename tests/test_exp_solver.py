@@ -14,7 +14,7 @@ from gfdm_fast import Sampler, make_dynamics
 from gfdm_fast import reference as ref
 from gfdm_fast.expint import _step_orders, build_exp_table, step_coefficients, time_grid
 from gfdm_fast.layout import exp_offsets
-from gfdm_fast.oracle import GaussianMixture, MixtureOracle
+from gfdm_fast.oracle import NARROW_MODES, GaussianMixture, MixtureOracle
 
 SHAPE = (1, 3, 5)
 
@@ -118,7 +118,7 @@ def test_each_order_converges_at_its_rate(order, corrector, rate):
     slope = np.log2(e40 / e80)
     assert slope > rate - 0.25, (e40, e80, slope)
 
-NARROW = GaussianMixture((0.25, 0.35, 0.4), (-0.7, 0.05, 0.6), (0.05, 0.06, 0.04))   # narrower modes than the default
+NARROW = NARROW_MODES   # narrower modes than the default
 FEW = [("fvp", 0.5, 0), ("fvp", 0.9, 2), ("fve", 0.7, 2)]
 
 
@@ -135,17 +135,21 @@ def _w1_default(name, hurst, K, mode, steps, mix=GaussianMixture(), images=4, **
 def test_few_step_targets_at_ci_size(name, hurst, K, mode):
     """Issue 13's 20-NFE targets (VP 6e-3, fractional 15e-3) with the defaults, on 65,536 pixels: W1 of exact
     mixture draws of that size against the 200k target is 2.6e-3 +- 1.0e-3 (10 draws), so the bound is the
-    target + 3 sd. Measured 2.1 / 2.9 (VP ode / sde), 10.2 / 13.1 (FVP), 3.3 / 4.5 (FVE), x 1e-3."""
+    target + 3 sd. Measured 2.1 / 2.9 (VP ode / sde), 14.8 / 14.7 (FVP), 6.0 / 6.5 (FVE), x 1e-3 (fractional order 2
+    + corrector; order 3 gave 10.2 / 13.1 and 3.3 / 4.5 here, but fails the narrow-mode law below)."""
     bound = 6e-3 if K == 0 else 15e-3
     assert _w1_default(name, hurst, K, mode, 20, images=64) < bound + 3e-3
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,hurst,K", FEW)
-def test_defaults_generalise_to_narrow_modes(name, hurst, K):
+@pytest.mark.parametrize("mode", ["ode", "sde"])
+def test_defaults_generalise_to_narrow_modes(name, hurst, K, mode):
     """Another per-pixel law (three narrow modes): the defaults at 20 NFE stay within the fractional target
-    + 3 sd of that law's floor (2.2e-3 +- 0.8e-3 at 65,536 pixels); measured 2.2, 9.4, 5.6 x 1e-3."""
-    assert _w1_default(name, hurst, K, "ode", 20, mix=NARROW, images=64) < 15e-3 + 2.5e-3
+    + 3 sd of that law's floor (2.2e-3 +- 0.8e-3 at 65,536 pixels). Measured x 1e-3, ode / sde: VP 2.2 / 4.3,
+    FVP H0.9 K2 12.7 / 15.8, FVE H0.7 K2 6.8 / 5.8. The fractional order-3 default of stop 18 fails the sde
+    case (FVP 59.1, FVE 10.9 / ode 9.4, 5.6): its extrapolation overshoots narrow modes."""
+    assert _w1_default(name, hurst, K, mode, 20, mix=NARROW, images=64) < 15e-3 + 2.5e-3
 
 
 @pytest.mark.slow
