@@ -115,7 +115,7 @@ class Sampler:
             self.table = S.build_em_table(dyn, steps, mode=mode, eps=eps, time_weight=time_weight, device=self.device)
         else:
             from gfdm_fast import expint
-            self.solver_options = expint.solver_options(dyn, order=order, grid=grid, rho=rho,
+            self.solver_options = expint.solver_options(dyn, mode=mode, order=order, grid=grid, rho=rho,
                                                         corrector=corrector, lower_final=lower_final,
                                                         sigma_data=sigma_data)
             self.table = expint.build_exp_table(dyn, steps, mode=mode, eps=eps, time_weight=time_weight,

@@ -135,8 +135,8 @@ def _w1_default(name, hurst, K, mode, steps, mix=GaussianMixture(), images=4, **
 def test_few_step_targets_at_ci_size(name, hurst, K, mode):
     """Issue 13's 20-NFE targets (VP 6e-3, fractional 15e-3) with the defaults, on 65,536 pixels: W1 of exact
     mixture draws of that size against the 200k target is 2.6e-3 +- 1.0e-3 (10 draws), so the bound is the
-    target + 3 sd. Measured 2.1 / 2.9 (VP ode / sde), 14.8 / 14.7 (FVP), 6.0 / 6.5 (FVE), x 1e-3 (fractional order 2
-    + corrector; order 3 gave 10.2 / 13.1 and 3.3 / 4.5 here, but fails the narrow-mode law below)."""
+    target + 3 sd. Measured 2.1 / 2.9 (VP ode / sde), 10.2 / 14.7 (FVP), 3.3 / 6.5 (FVE), x 1e-3 (fractional sde
+    runs order 2: order 3 gave 13.1 and 4.5 here, but fails the narrow-mode law below)."""
     bound = 6e-3 if K == 0 else 15e-3
     assert _w1_default(name, hurst, K, mode, 20, images=64) < bound + 3e-3
 
@@ -147,8 +147,8 @@ def test_few_step_targets_at_ci_size(name, hurst, K, mode):
 def test_defaults_generalise_to_narrow_modes(name, hurst, K, mode):
     """Another per-pixel law (three narrow modes): the defaults at 20 NFE stay within the fractional target
     + 3 sd of that law's floor (2.2e-3 +- 0.8e-3 at 65,536 pixels). Measured x 1e-3, ode / sde: VP 2.2 / 4.3,
-    FVP H0.9 K2 12.7 / 15.8, FVE H0.7 K2 6.8 / 5.8. The fractional order-3 default of stop 18 fails the sde
-    case (FVP 59.1, FVE 10.9 / ode 9.4, 5.6): its extrapolation overshoots narrow modes."""
+    FVP H0.9 K2 9.4 / 15.8, FVE H0.7 K2 5.6 / 5.8. Order 3 in sde (the fractional default of stop 18) fails
+    here (FVP 59.1, FVE 10.9): its extrapolation overshoots narrow modes; sde runs order 2 since."""
     assert _w1_default(name, hurst, K, mode, 20, mix=NARROW, images=64) < 15e-3 + 2.5e-3
 
 
@@ -188,3 +188,16 @@ def test_logsnr_interpolation_keeps_the_partition_of_unity():
     np.testing.assert_allclose(w_t.sum(1), one[:, 0], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(w_l.sum(1), one[:, 0], rtol=1e-9, atol=1e-12)
     assert np.abs(w_l - w_t).max() > 1e-3 * np.abs(w_t).max()
+
+
+def test_default_order_follows_the_mode_for_fractional_dynamics():
+    """Fractional sde defaults to order 2 (order 3 overshoots narrow modes), ode and VP to order 3; a given
+    order wins; Sampler and the table builder take the mode's default."""
+    from gfdm_fast.expint import solver_options
+    fvp, vp = make_dynamics("fvp", hurst=0.9, num_aug=2), make_dynamics("fvp", hurst=0.5, num_aug=0)
+    assert [solver_options(fvp, mode=m)["order"] for m in ("ode", "sde")] == [3, 2]
+    assert [solver_options(vp, mode=m)["order"] for m in ("ode", "sde")] == [3, 3]
+    assert solver_options(fvp, mode="sde", order=3)["order"] == 3
+    s = Sampler(fvp, MixtureOracle(fvp), steps=4, mode="sde", solver="exp")
+    assert s.solver_options["order"] == 2 and s.table.order == 2
+    assert build_exp_table(fvp, 4, mode="sde").order == 2
