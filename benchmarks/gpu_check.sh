@@ -98,7 +98,7 @@ if ! "$PY" -c 'import pytorch_fid, vendi_score' 2>/dev/null; then
   IGNORE=(--ignore=tests/test_fid.py --ignore=tests/test_vendi.py --ignore=tests/test_generate.py)
 fi
 # -s: the end-to-end module prints its measured cuda-vs-CPU differences
-stage pytest_gpu 1 100 "$PY" -m pytest -q -s -m gpu -p no:cacheprovider --continue-on-collection-errors "${IGNORE[@]}" tests
+stage pytest_gpu 1 100 "$PY" -m pytest -q -s -m gpu -p no:cacheprovider "${IGNORE[@]}" tests
 stage fused_step 1 45 "$PY" benchmarks/fused_step.py --device cuda --shape 1000 3 32 32 --num-aug 0 2 3 \
   --json "$DEST/fused_step_cuda.json"
 # a large batch (bandwidth) and a single small image (the launch cost per op), the GPU backends only
@@ -110,7 +110,7 @@ stage fused_step_launch 1 30 "$PY" benchmarks/fused_step.py --device cuda --shap
 # one line per test (-v) so that a timeout still leaves every finished result in the log
 XDIST=()
 "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 8)
-stage pytest_compiled 1 120 "$PY" -m pytest -v -p no:cacheprovider "${XDIST[@]}" -k "triton or cuda" \
+stage pytest_compiled 1 120 "$PY" -m pytest -v -p no:cacheprovider "${XDIST[@]}" -m "not gpu" -k "triton or cuda" \
   tests/test_ops.py tests/test_triton_kernels.py tests/test_exp_step.py tests/test_exp_solver.py
 stage throughput_cifar10 1 150 "$PY" benchmarks/throughput.py --device cuda --preset cifar10 --batch 1000 \
   --num-aug 3 --variants official fused bf16 cuda_graphs compiled all --steps 3 --repeats 2 \

@@ -41,11 +41,6 @@ KS = range(6)
 FUSED = ("torch", "cpp", "triton", "cuda")
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def dynamics(K):
     return make_dynamics("fvp", hurst=0.9 if K else 0.5, num_aug=K, recipe="official")
 

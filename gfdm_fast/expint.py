@@ -68,8 +68,7 @@ def time_grid(dyn: Dynamics, steps, *, eps=1e-3, grid="logsnr", rho=2.0):
         return np.linspace(T ** (1 / rho), eps ** (1 / rho), steps + 1) ** rho
     if grid == "logsnr":
         dense = np.geomspace(eps, T, 4001)[::-1]
-        st = dyn.marginal_stats(dense)
-        lam = np.log(st.sigma_c.numpy() / st.mean_scale.numpy())   # decreasing as t decreases
+        lam = log_nsr(dyn, dense)                             # decreasing as t decreases
         targets = np.linspace(lam[0], lam[-1], steps + 1)
         t = np.interp(targets, lam[::-1], dense[::-1])
         t[0], t[-1] = T, eps
@@ -126,10 +125,8 @@ def log_nsr(dyn, t):
     return np.log(st.sigma_c.numpy() / st.mean_scale.numpy())
 
 
-def step_coefficients(dyn, t_hi, t_lo, nodes, m, *, substeps=64, noise=False, predict="eps", sigma_data=0.0,
-                      interp="t"):
-    """Phi(t_lo, t_hi), weights w_j (for e at ``nodes``) and the noise covariance of one step (float64).
-    ``interp``: the variable the network term is interpolated in, t or ``logsnr`` (log(sigma_c / c))."""
+def step_coefficients(dyn, t_hi, t_lo, nodes, m, *, substeps=64, noise=False, predict="eps", sigma_data=0.0):
+    """Phi(t_lo, t_hi), weights w_j (for e at ``nodes``) and the noise covariance of one step (float64)."""
     K1 = dyn.num_aug + 1
     p = len(nodes)
     # substeps uniform in log t (the statistics vary on the scale of t itself near t = 0)
@@ -137,10 +134,7 @@ def step_coefficients(dyn, t_hi, t_lo, nodes, m, *, substeps=64, noise=False, pr
     mids = np.sqrt(edges[:-1] * edges[1:])
     dr = edges[:-1] - edges[1:]                              # positive: reversed time
     A, b, G = _generator(dyn, mids, m, predict, sigma_data)
-    if interp == "logsnr":
-        ell = _lagrange(log_nsr(dyn, nodes), log_nsr(dyn, mids))
-    else:
-        ell = _lagrange(nodes, mids)                         # (M, p)
+    ell = _lagrange(nodes, mids)                             # (M, p)
     # reversed time: dZ/dr = -A Z - b e
     n = K1 + p
     aug = np.zeros((substeps, n, n))
@@ -214,7 +208,7 @@ def _step_orders(steps, order, lower_final):
 
 def build_exp_table(dyn: Dynamics, steps, *, mode="ode", order=None, eps=1e-3, grid=None, rho=None,
                     corrector=None, lower_final=None, sigma_data=None, time_weight=999.0, substeps=None,
-                    predict="x0", device="cpu", dtype=torch.float32, interp="t"):
+                    predict="x0", device="cpu", dtype=torch.float32):
     """The exponential-integrator step table (see module docstring for the row layout).
 
     ``corrector``: UniPC-style (exponential Adams-Moulton) corrector at no extra NFE. The predictor
@@ -250,7 +244,7 @@ def build_exp_table(dyn: Dynamics, steps, *, mode="ode", order=None, eps=1e-3, g
         p = orders[n]
         nodes = t[n - p + 1:n + 1][::-1]                     # t_n, t_{n-1}, ...
         Phi, W, Sigma = step_coefficients(dyn, t[n], t[n + 1], nodes, m, substeps=substeps, noise=(mode == "sde"),
-                                          predict=predict, sigma_data=sigma_data, interp=interp)
+                                          predict=predict, sigma_data=sigma_data)
         if predict == "x0":
             c_n, s_n = st.mean_scale[n].item(), st.sigma_c[n].item()
             rows[n, 0] = 1.0 / c_n - gauss_gain(c_n, s_n, sigma_data)
@@ -276,12 +270,12 @@ def build_exp_table(dyn: Dynamics, steps, *, mode="ode", order=None, eps=1e-3, g
             pc = min(R, n + 2)
             am_nodes = t[n + 2 - pc:n + 2][::-1]              # t_{n+1}, t_n, ..
             _, W_am, _ = step_coefficients(dyn, t[n], t[n + 1], am_nodes, m, substeps=substeps, predict=predict,
-                                          sigma_data=sigma_data, interp=interp)
+                                          sigma_data=sigma_data)
             carry = {n + 1 - j: W_am[:, j] for j in range(pc)}
             for j in range(p):
                 carry[n - j] = carry.get(n - j, 0.0) - W[:, j]
     key = (tuple(sorted(dyn.config().items())), float(eps), float(time_weight), "exp", order, grid, float(rho), predict,
-           corrector, bool(lower_final), float(sigma_data), interp)
+           corrector, bool(lower_final), float(sigma_data))
     return S.StepTable(
         table=torch.tensor(rows, dtype=dtype, device=device),
         t=torch.tensor(t[:-1], dtype=torch.float32, device=device),

@@ -35,11 +35,6 @@ def sample_seeds(seed, m, batch_size):
     return (int(seed) << 32) + g
 
 
-def _log_nsr(dyn, t):
-    st = dyn.marginal_stats(t)
-    return np.log(st.sigma_c.numpy() / st.mean_scale.numpy())
-
-
 class TimeMap:
     """u ~ U(T_MIN, 1) -> training time t for ``--time_sampling`` ``how`` (see the module docstring)."""
 
@@ -50,10 +45,11 @@ class TimeMap:
         if self.how == "uniform":
             return
         from gfdm_fast.dynamics import make_dynamics
+        from gfdm_fast.expint import log_nsr
         vp = make_dynamics("fvp", hurst=0.5, num_aug=0, T=dyn.T)
         grid = np.unique(np.concatenate([np.geomspace(T_MIN, dyn.T, _TABLE), np.linspace(T_MIN, dyn.T, _TABLE)]))
-        lam = np.maximum.accumulate(_log_nsr(dyn, grid))    # increasing in t (flat where it is not)
-        lam_vp = _log_nsr(vp, grid)                          # strictly increasing
+        lam = np.maximum.accumulate(log_nsr(dyn, grid))    # increasing in t (flat where it is not)
+        lam_vp = log_nsr(vp, grid)                          # strictly increasing
         # the u for which VP's ratio lies inside this dynamics' range; u is rescaled onto [lo, hi]
         lo, hi = np.interp([lam[0], lam[-1]], lam_vp, grid, left=T_MIN, right=dyn.T)
         u = np.linspace(lo, hi, _TABLE)

@@ -88,8 +88,7 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
-        # unset optimiser fields take the data set's recipe; a resumed run keeps its own (resume_config)
-        self.cfg = cfg = dataclasses.replace(cfg) if cfg.resume else with_data_recipe(cfg)
+        self.cfg = cfg = dataclasses.replace(cfg)
         for name in ("batch_size", "train_steps", "accumulate_grad_batches", "log_every_n_steps", "log_model_every_n"):
             if getattr(cfg, name) is not None and int(getattr(cfg, name)) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
@@ -106,7 +105,7 @@ class Trainer:
         self.resume_changes = {}
         if self.state_in is not None:   # the run's own settings, with what the user may change on top
             cfg, self.resume_changes = resume_config(cfg, self.state_in)
-        self.cfg = cfg = with_data_recipe(cfg)
+        self.cfg = cfg = with_data_recipe(cfg)   # unset lr, batch_size, time_sampling: the data set's recipe
         if cfg.seed is None:
             cfg.seed = self.dist.broadcast(int.from_bytes(os.urandom(4), "little") >> 1)
         if cfg.wb_id is None:
@@ -404,7 +403,7 @@ class Trainer:
                     log.step()
                 if cfg.max_minutes is not None and self.step % cfg.log_every_n_steps == 0:   # a collective: not
                     out_of_time = dist.broadcast(time.perf_counter() - t_start > 60 * cfg.max_minutes)  # per step
-                if self.step % cfg.log_every_n_steps == 0 or self.step == cfg.train_steps or out_of_time:
+                if self.step % cfg.log_every_n_steps == 0 or self.step == cfg.train_steps:   # out_of_time is a log step
                     losses.append(self._log_row(log, time.perf_counter() - t_log))
                     t_log = time.perf_counter()
                 if self.step % cfg.log_model_every_n == 0:

@@ -177,19 +177,6 @@ def test_gaussian_part_is_exact_for_gaussian_data(name, hurst, K):
     assert (outs[0] - outs[1]).abs().max().item() < 1e-2
 
 
-def test_logsnr_interpolation_keeps_the_partition_of_unity():
-    """``interp='logsnr'`` moves the Lagrange nodes to log(sigma_c / c): the weights of a constant network term
-    (their sum) are those of order 1 in either variable, the split between the nodes is not."""
-    dyn = make_dynamics("fvp", hurst=0.9, num_aug=2)
-    nodes = np.array([0.5, 0.62])
-    one = step_coefficients(dyn, 0.5, 0.4, nodes[:1], 0.5, predict="x0", sigma_data=0.5)[1]
-    w_t = step_coefficients(dyn, 0.5, 0.4, nodes, 0.5, predict="x0", sigma_data=0.5)[1]
-    w_l = step_coefficients(dyn, 0.5, 0.4, nodes, 0.5, predict="x0", sigma_data=0.5, interp="logsnr")[1]
-    np.testing.assert_allclose(w_t.sum(1), one[:, 0], rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(w_l.sum(1), one[:, 0], rtol=1e-9, atol=1e-12)
-    assert np.abs(w_l - w_t).max() > 1e-3 * np.abs(w_t).max()
-
-
 def test_default_order_follows_the_mode_for_fractional_dynamics():
     """Fractional sde defaults to order 2 (order 3 overshoots narrow modes), ode and VP to order 3; a given
     order wins; Sampler and the table builder take the mode's default."""

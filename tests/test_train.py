@@ -197,14 +197,16 @@ def test_vp_snr_times_give_vps_noise_levels(dynamics, hurst, num_aug):
     seeds = sample_seeds(11, 0, 40_000)
     t = draw_times(seeds, TimeMap(dyn, "vp_snr"))
     assert t.dtype == torch.float64 and float(t.min()) >= 1e-5 and float(t.max()) <= 1.0
-    st = dyn.marginal_stats(t)
-    lam = np.sort(np.log(st.sigma_c.numpy() / st.mean_scale.numpy()))
-    lo, hi = _vp_cdf(lam[0]), _vp_cdf(lam[-1])          # the range reached, in VP's probability
-    want = (_vp_cdf(lam) - lo) / (hi - lo)
-    got = np.arange(1, len(lam) + 1) / len(lam)
-    assert np.abs(got - want).max() < 0.012
-    # uniform t is the official draw, and far from VP's levels at H = 0.9 (KS distance ~0.5)
+    def ks(times):
+        st = dyn.marginal_stats(times)
+        lam = np.sort(np.log(st.sigma_c.numpy() / st.mean_scale.numpy()))
+        lo, hi = _vp_cdf(lam[0]), _vp_cdf(lam[-1])      # the range reached, in VP's probability
+        return np.abs(np.arange(1, len(lam) + 1) / len(lam) - (_vp_cdf(lam) - lo) / (hi - lo)).max()
+
+    assert ks(t) < 0.012
+    # uniform t is the official draw, and the same check tells it apart
     assert torch.equal(draw_times(seeds, TimeMap(dyn, "uniform")), draw_times(seeds))
+    assert ks(draw_times(seeds)) > 0.05
 
 
 def test_vp_snr_is_uniform_for_vp_and_depends_on_the_key_only():
