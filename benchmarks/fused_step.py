@@ -42,7 +42,8 @@ def run(device, shape, Ks, iters, backends=None):
     for K in Ks:
         dyn = make_dynamics("fvp", hurst=0.9 if K else 0.5, num_aug=K)
         tables = {"em": S.build_em_table(dyn, 1000, mode="sde", dtype=torch.float32).to(dev),
-                  "exp": build_exp_table(dyn, 20, mode="sde", order=2, substeps=16, dtype=torch.float32).to(dev)}
+                  "exp": build_exp_table(dyn, 20, mode="sde", order=2, grid="logsnr", substeps=16,
+                                         dtype=torch.float32).to(dev)}
         seeds = torch.arange(shape[0], device=dev)
         for solver, table in tables.items():
             op = "em_step" if solver == "em" else "exp_step"

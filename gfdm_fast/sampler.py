@@ -12,6 +12,7 @@ import math
 import time
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from gfdm_fast import ops
@@ -22,6 +23,9 @@ from gfdm_fast.philox import MASK32, philox4x32
 
 SOLVERS = ("em", "exp")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# the adaptive grid's pilot run (expint.adaptive_grid): images, least ode steps and seed; fixed, so a model's grid
+# (and order="auto"'s choice) is reproducible and equal on every rank
+PILOT_IMAGES, PILOT_STEPS, PILOT_SEED = 8, 40, 20_241_204
 
 
 def _model_device(model):
@@ -37,6 +41,23 @@ def draw_labels(seeds: torch.Tensor, num_classes: int | None) -> torch.Tensor | 
     zero = torch.zeros_like(seeds)
     x0, _, _, _ = philox4x32(zero, zero, zero + STREAM_LABEL, zero, seeds & MASK32, (seeds >> 32) & MASK32)
     return x0 % int(num_classes)
+
+
+def _pilot_shape(model, shape, required=True):
+    """(C, H, W) of the adaptive grid's pilot images: ``shape``, or the model's in_channels and image_size
+    (None when neither is known and not ``required``)."""
+    if shape is None:
+        c, size = getattr(model, "in_channels", None), getattr(model, "image_size", None)
+        if (c is None or size is None) and not required:
+            return None
+        if c is None or size is None:
+            raise ValueError("grid='adaptive' runs a short pilot of the network: pass shape=(C, H, W) (the model "
+                             "has no in_channels / image_size to take it from), or choose another grid")
+        shape = (c, size, size)
+    shape = tuple(int(v) for v in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"shape must be (C, H, W) with every size >= 1, got {shape}")
+    return shape
 
 
 def _check_model(model, device):
@@ -80,6 +101,10 @@ class Sampler:
     """Fused reverse sampler: ``solver="em"`` is the official Euler-Maruyama sampler (docs/design.md,
     'Reverse sampling'); ``solver="exp"`` the exponential integrator of gfdm_fast.expint (few steps;
     ``order``, ``grid``, and ``denoise`` = one extra network call for Tweedie's estimate at t = eps).
+    ``grid="adaptive"`` (the fractional default) runs a short pilot of the network once, at construction
+    (``pilot_nfe`` calls, images of ``shape`` (C, H, W) or of the model's in_channels / image_size; or
+    at the first run); ``order="auto"`` (the fractional ode default) then keeps order 2 or 3, whichever
+    brings the pilot's images nearer its fine run (``pilot_errors``).
 
     ``model(x, s, y)`` is any callable with the official signature (``s = time_weight * t``).
     Opt-in fast paths: ``precision`` ('bf16'/'fp16' autocast of the network, state stays float32),
@@ -93,7 +118,8 @@ class Sampler:
                  compile_mode: str | None = None, cuda_graphs: bool = False, channels_last: bool = False,
                  num_classes: int | None = None, progress: bool = False, order: int | None = None,
                  grid: str | None = None, rho: float | None = None, corrector: bool | None = None,
-                 lower_final: bool | None = None, sigma_data: float | None = None, denoise: bool = False) -> None:
+                 lower_final: bool | None = None, sigma_data: float | None = None, denoise: bool = False,
+                 shape: tuple[int, int, int] | None = None) -> None:
         if not isinstance(dyn, Dynamics):
             raise ValueError("dyn must be a Dynamics from gfdm_fast.make_dynamics")
         if solver not in SOLVERS:
@@ -108,22 +134,6 @@ class Sampler:
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs a CUDA device")
         self.backend = ops.resolve_backend(backend, self.device, "em_step" if solver == "em" else "exp_step")
-        if solver == "em":
-            if any(v is not None for v in (order, grid, rho, corrector, lower_final, sigma_data)) or denoise:
-                raise ValueError("order, grid, rho, corrector, lower_final, sigma_data and denoise belong to "
-                                 "solver='exp'")
-            self.table = S.build_em_table(dyn, steps, mode=mode, eps=eps, time_weight=time_weight, device=self.device)
-        else:
-            from gfdm_fast import expint
-            self.solver_options = expint.solver_options(dyn, mode=mode, order=order, grid=grid, rho=rho,
-                                                        corrector=corrector, lower_final=lower_final,
-                                                        sigma_data=sigma_data)
-            self.table = expint.build_exp_table(dyn, steps, mode=mode, eps=eps, time_weight=time_weight,
-                                                device=self.device, **self.solver_options)
-            if denoise:
-                inv_c, sig_over_c = expint.denoise_coefficients(dyn, eps)
-                self._denoise = (float(inv_c), float(sig_over_c), float(time_weight * eps))
-        self.denoise = bool(denoise)
         _check_model(model, self.device)
         from gfdm_fast.models.fast import FastNetwork
         self.network = FastNetwork(model, self.device, precision=precision, compile=compile,
@@ -131,6 +141,102 @@ class Sampler:
         self.precision, self.cuda_graphs, self.channels_last = precision, cuda_graphs, channels_last
         self.num_classes, self.progress = num_classes, progress
         self._graphs = {}
+        self.pilot_nfe, self.pilot_errors = 0, {}
+        if solver == "em":
+            if any(v is not None for v in (order, grid, rho, corrector, lower_final, sigma_data, shape)) or denoise:
+                raise ValueError("order, grid, rho, corrector, lower_final, sigma_data, shape and denoise belong to "
+                                 "solver='exp'")
+            self._table = S.build_em_table(dyn, steps, mode=mode, eps=eps, time_weight=time_weight, device=self.device)
+        else:
+            from gfdm_fast import expint
+            self.solver_options = expint.solver_options(dyn, mode=mode, order=order, grid=grid, rho=rho,
+                                                        corrector=corrector, lower_final=lower_final,
+                                                        sigma_data=sigma_data)
+            self._table = None
+            if self.solver_options["grid"] != "adaptive":
+                self._build_exp_table(None)
+            elif shape is not None or _pilot_shape(model, None, required=False) is not None:
+                self._build_exp_table(_pilot_shape(model, shape))
+            # else: the adaptive grid's pilot runs on the first sample() / run(), at that image shape
+            if denoise:
+                inv_c, sig_over_c = expint.denoise_coefficients(dyn, eps)
+                self._denoise = (float(inv_c), float(sig_over_c), float(time_weight * eps))
+        self.denoise = bool(denoise)
+
+    @property
+    def table(self) -> S.StepTable:
+        """The step table; with ``grid="adaptive"`` and no known image shape it exists after the first run."""
+        if self._table is None:
+            raise ValueError("grid='adaptive' builds its step table from a pilot run at the image shape of the "
+                             "first sample() / run(): sample first, or pass shape=(C, H, W) to the Sampler")
+        return self._table
+
+    @table.setter
+    def table(self, value: S.StepTable) -> None:
+        self._table = value
+
+    def _build_exp_table(self, shape):
+        """The exp solver's table; with the adaptive grid, after its pilot run on images of ``shape``
+        (and with ``order="auto"`` the order whose pilot images land nearest the pilot's fine run)."""
+        from gfdm_fast import expint
+        opts = dict(self.solver_options)
+        if opts["grid"] != "adaptive":
+            self._table = expint.build_exp_table(self.dyn, self.steps, mode=self.mode, eps=self.eps,
+                                                 time_weight=self.time_weight, device=self.device, **opts)
+            return
+        activity, reference, labels = self._pilot(shape)
+        candidates = (2, 3) if opts["order"] == "auto" else (opts["order"],)
+        tables, errors = {}, {}
+        for order in candidates:
+            tables[order] = expint.build_exp_table(self.dyn, self.steps, mode=self.mode, eps=self.eps,
+                                                   time_weight=self.time_weight, device=self.device,
+                                                   activity=activity, **dict(opts, order=order))
+            if len(candidates) > 1:   # the pilot's prior draw, this run's grid and order: its ode end points
+                trial = Sampler(self.dyn, self.network, steps=self.steps, mode="ode", eps=self.eps,
+                                time_weight=self.time_weight, backend=self.backend, solver="exp", device=self.device,
+                                order=order, grid="logsnr")
+                trial.table = tables[order]
+                x = trial.sample(PILOT_IMAGES, shape, seed=PILOT_SEED, labels=labels, batch_size=PILOT_IMAGES)
+                errors[order] = float((x.double() - reference.double()).abs().mean())
+                self.pilot_nfe += PILOT_IMAGES * self.steps
+        order = min(candidates, key=lambda o: (errors.get(o, 0.0), o))
+        self.solver_options["order"], self.pilot_errors = order, errors
+        self._table = tables[order]
+
+    def _ensure_table(self, shape):
+        if self._table is None:
+            self._build_exp_table(_pilot_shape(self.model, tuple(shape)))
+
+    def _pilot(self, shape):
+        """The adaptive grid's pilot: ``PILOT_IMAGES`` images (fixed seed, labels cycling through the classes)
+        sampled with the order-3 ode exp solver on a log-SNR grid of max(PILOT_STEPS, 4 x steps) steps.
+
+        Returns the activity (times, mean |d_{k+1} - d_k| / |lambda_{k+1} - lambda_k| between consecutive
+        evaluations of the data prediction d), the pilot's images (the fine reference ``order="auto"``
+        compares against) and its labels. Its network calls (``pilot_nfe``) are paid once per Sampler."""
+        from gfdm_fast import expint
+        seen = []
+
+        def recording(x, s, y=None):
+            e = self.network(x, s, y)
+            seen.append((float(s.reshape(-1)[0]) / self.time_weight, x.double(), e.double()))
+            return e
+
+        steps = max(PILOT_STEPS, 4 * self.steps)
+        pilot = Sampler(self.dyn, recording, steps=steps, mode=self.mode, eps=self.eps, time_weight=self.time_weight,
+                        backend=self.backend, solver="exp", device=self.device, order=3 if self.mode == "ode" else 2,
+                        grid="logsnr")
+        classes = self.num_classes if self.num_classes is not None else getattr(self.model, "num_classes", None)
+        labels = torch.arange(PILOT_IMAGES) % classes if classes else None
+        reference = pilot.sample(PILOT_IMAGES, shape, seed=PILOT_SEED, labels=labels, batch_size=PILOT_IMAGES)
+        self.pilot_nfe = steps * PILOT_IMAGES
+        t = np.array([v[0] for v in seen])
+        st = self.dyn.marginal_stats(t)
+        c, sig = st.mean_scale.numpy(), st.sigma_c.numpy()
+        d = [(x - float(sg) * e) / float(cc) for (_, x, e), cc, sg in zip(seen, c, sig)]
+        change = np.array([float((b - a).abs().mean()) for a, b in zip(d[:-1], d[1:])])
+        lam = expint.log_nsr(self.dyn, t)
+        return (np.sqrt(t[1:] * t[:-1]), change / np.abs(np.diff(lam))), reference, labels
 
     @property
     def nfe(self) -> int:
@@ -169,6 +275,8 @@ class Sampler:
         the Philox draw from ``seeds`` (exp solver: (steps, K+1, B, C, H, W), one draw per step).
         Returns ``z`` (updated in place).
         """
+        if self.solver == "exp":
+            self._ensure_table(x_in.shape[1:])
         self.network.prepare(x_in, self.table.s[:1].expand(x_in.shape[0]), labels)
         if self.cuda_graphs and noise is None:
             return self._run_graph(z, x_in, labels, seeds, progress)
@@ -247,6 +355,8 @@ class Sampler:
         if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1 (or None: all images at once), got {batch_size}")
         _check_request(self.model, shape, labels, num, self.num_classes)
+        if self.solver == "exp":
+            self._ensure_table(shape)
         batch_size = int(batch_size or len(idx) or 1)
         K = self.dyn.num_aug
         bar = None

@@ -39,7 +39,7 @@ def _tables(K, mode, order):
     float64 one rounded (bit for bit what dtype=torch.float32 gives) at half the build time.
     """
     dyn = make_dynamics("fve" if K % 2 else "fvp", hurst=0.7 if K else 0.5, num_aug=K)
-    t64 = build_exp_table(dyn, 6, mode=mode, order=order, substeps=16, dtype=torch.float64)
+    t64 = build_exp_table(dyn, 6, mode=mode, order=order, grid="logsnr", substeps=16, dtype=torch.float64)
     return dataclasses.replace(t64, table=t64.table.to(torch.float32), prior=t64.prior.to(torch.float32)), t64
 
 

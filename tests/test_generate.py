@@ -465,6 +465,14 @@ def test_exp_solver_knobs_recorded_in_the_manifest(runs):
     meta = json.loads((out / "gfdm_generate.json").read_text())
     assert meta["exp_solver"] == {"order": 2, "grid": "power", "rho": 2.5, "corrector": True, "lower_final": False,
                                   "sigma_data": 0.5}
+    assert meta["exp_times"] == pytest.approx(list(np.linspace(1.0, 1e-3 ** 0.4, 5)[:-1] ** 2.5), rel=1e-6)
+    out = runs / "exp_defaults"                      # fractional defaults: adaptive grid, order chosen by the pilot
+    rc, _, err = generate("--output_dir", runs, *FLAGS, *NET_FLAGS, "--n_samples", 2, "--out", out, "--solver", "exp",
+                          "--steps", 4, "--mode", "ode")
+    assert rc == 0, err
+    meta = json.loads((out / "gfdm_generate.json").read_text())
+    assert meta["exp_solver"]["grid"] == "adaptive" and meta["exp_solver"]["order"] in (2, 3)
+    assert len(meta["exp_times"]) == 4 and meta["exp_times"][0] == 1.0 and np.all(np.diff(meta["exp_times"]) < 0)
     rc, _, err = generate("--output_dir", runs, *FLAGS, *NET_FLAGS, "--n_samples", 2, "--out", runs / "em_knobs",
                           "--order", 3)
     assert rc != 0 and "solver='exp'" in err and not (runs / "em_knobs").exists()

@@ -209,7 +209,7 @@ def test_backend_status_names_every_backend_and_why():
 def _exp_case(K=1, order=2, steps=4):
     from gfdm_fast.expint import build_exp_table
     dyn = make_dynamics("fvp", hurst=0.7, num_aug=K)
-    t = build_exp_table(dyn, steps, mode="sde", order=order, substeps=4, dtype=torch.float32)
+    t = build_exp_table(dyn, steps, mode="sde", order=order, grid="logsnr", substeps=4, dtype=torch.float32)
     shape = (2, 1, 3, 5)
     return t, shape, torch.randn(K + 1, *shape), torch.randn(shape), torch.randn(max(order - 1, 1), *shape)
 
@@ -360,7 +360,7 @@ def test_cpp_and_cuda_give_the_same_bits(K):
     dyn = make_dynamics("fve" if K % 2 else "fvp", hurst=0.7 if K else 0.5, num_aug=K)
     shape, seeds = (3, 2, 9, 11), torch.tensor([4, -7, 2 ** 40])
     em = S.build_em_table(dyn, 6, mode="sde", dtype=torch.float32)
-    ex = build_exp_table(dyn, 6, mode="sde", order=3, substeps=8, dtype=torch.float32)
+    ex = build_exp_table(dyn, 6, mode="sde", order=3, grid="logsnr", substeps=8, dtype=torch.float32)
     z0, e, h0 = torch.randn(K + 1, *shape), torch.randn(shape), torch.randn(2, *shape)
     outs = {}
     for be, dev in (("cpp", "cpu"), ("cuda", "cuda")):

@@ -390,7 +390,7 @@ def test_a_non_finite_step_table_is_refused_where_it_is_built():
     from gfdm_fast import schedule as S
     from gfdm_fast.expint import build_exp_table
     dyn = make_dynamics("fvp", hurst=0.9, num_aug=2)
-    for t in (S.build_em_table(dyn, 4), build_exp_table(dyn, 4, substeps=4)):
+    for t in (S.build_em_table(dyn, 4), build_exp_table(dyn, 4, grid="logsnr", substeps=4)):
         for field in ("table", "prior"):
             bad = getattr(t, field).clone()
             bad.view(-1)[1] = float("nan")

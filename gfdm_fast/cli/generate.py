@@ -73,8 +73,12 @@ def add_arguments(parser):
     e.add_argument("--solver", choices=SOLVERS, default="em", help="sampler (default em)")
     # -- exp solver knobs (issue 13); None = the measured default of gfdm_fast.expint.solver_options --
     from gfdm_fast.expint import GRIDS
-    e.add_argument("--order", type=int, choices=(1, 2, 3), default=None, help="--solver exp: interpolation order")
-    e.add_argument("--grid", choices=GRIDS, default=None, help="--solver exp: time grid")
+    e.add_argument("--order", type=_order, default=None,
+                   help="--solver exp: interpolation order 1, 2, 3, or auto (2 or 3 by the adaptive grid's pilot; "
+                        "the fractional ode default)")
+    e.add_argument("--grid", choices=GRIDS, default=None,
+                   help="--solver exp: time grid (adaptive: from a 320-call pilot run of the network; the "
+                        "fractional default; VP defaults to power)")
     e.add_argument("--rho", type=float, default=None, help="--solver exp --grid power: t uniform in t^(1/rho)")
     e.add_argument("--corrector", type=parse_bool, nargs="?", const=True, default=None,
                    help="--solver exp: UniPC-style corrector (no extra network call)")
@@ -105,6 +109,21 @@ def add_arguments(parser):
 # ----------------------------------------------------------------------------- the run's records
 
 # ----------------------------------------------------------------------------- the command
+
+def _order(value):
+    if value == "auto":
+        return value
+    if value not in ("1", "2", "3"):
+        raise argparse.ArgumentTypeError(f"choose 1, 2, 3 or auto, got {value!r}")
+    return int(value)
+
+
+def _times(sampler):
+    """The exp solver's evaluation times (recorded with the samples: the adaptive grid follows the network)."""
+    if getattr(sampler, "solver", None) != "exp":
+        return None
+    return [round(float(v), 7) for v in sampler.table.t.tolist()]
+
 
 def _check_numbers(args):
     from gfdm_fast.mafbm import check_hurst, check_num_aug
@@ -152,16 +171,16 @@ def run(args):
         raise UserError(f"dynamics: {err}") from None
     ckpt = checkpoint.load(src.path, config, map_location="cpu", use_ema=src.use_ema)
     model = ckpt.model.to(device).eval()
+    shape = (config.in_channels, config.image_size, config.image_size)
     try:
         sampler = Sampler(dyn, model, steps=args.steps, mode=args.mode, time_weight=src.time_weight,
                           backend=args.backend, solver=args.solver, order=args.order, grid=args.grid, rho=args.rho,
                           corrector=args.corrector, lower_final=args.lower_final, sigma_data=args.sigma_data,
                           device=device, precision=args.precision, compile=args.compile,
                           cuda_graphs=args.cuda_graphs, num_classes=config.num_classes,
-                          progress=args.progress and dist.rank == 0)
+                          progress=args.progress and dist.rank == 0, shape=shape if args.solver == "exp" else None)
     except ValueError as err:
         raise UserError(str(err)) from None
-    shape = (config.in_channels, config.image_size, config.image_size)
     n = args.n_samples
 
     save_dir = None
@@ -184,7 +203,8 @@ def run(args):
                         "dynamics": dyn_rec, "config": config.to_dict(), "seed": args.seed, "steps": args.steps,
                         "mode": args.mode, "solver": args.solver, "precision": args.precision, "n_samples": n,
                         "shard_size": args.shard_size, "format": "png" if args.png else "npz",
-                        "exp_solver": getattr(sampler, "solver_options", None)}
+                        "exp_solver": getattr(sampler, "solver_options", None),
+                        "exp_times": _times(sampler)}
             shards = ShardSink(args.out, n, args.shard_size, args.png, manifest, dist, args.max_shards,
                                need_all=fid_sink is not None)
             sinks.append(shards)
