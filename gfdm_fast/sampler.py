@@ -23,9 +23,9 @@ from gfdm_fast.philox import MASK32, philox4x32
 
 SOLVERS = ("em", "exp")
 PRECISIONS = ("fp32", "bf16", "fp16")
-# the adaptive grid's pilot run (expint.adaptive_grid): images, least ode steps and seed; fixed, so a model's grid
-# (and order="auto"'s choice) is reproducible and equal on every rank
-PILOT_IMAGES, PILOT_STEPS, PILOT_SEED = 8, 40, 20_241_204
+# the adaptive grid's pilot run (expint.adaptive_grid): images, least and most steps, seed; fixed, so a model's
+# grid (and order="auto"'s choice) is reproducible and, for a deterministic network, equal on every rank
+PILOT_IMAGES, PILOT_STEPS, PILOT_MAX_STEPS, PILOT_SEED = 8, 40, 400, 20_241_204
 
 
 def _model_device(model):
@@ -101,10 +101,11 @@ class Sampler:
     """Fused reverse sampler: ``solver="em"`` is the official Euler-Maruyama sampler (docs/design.md,
     'Reverse sampling'); ``solver="exp"`` the exponential integrator of gfdm_fast.expint (few steps;
     ``order``, ``grid``, and ``denoise`` = one extra network call for Tweedie's estimate at t = eps).
-    ``grid="adaptive"`` (the fractional default) runs a short pilot of the network once, at construction
-    (``pilot_nfe`` calls, images of ``shape`` (C, H, W) or of the model's in_channels / image_size; or
-    at the first run); ``order="auto"`` (the fractional ode default) then keeps order 2 or 3, whichever
-    brings the pilot's images nearer its fine run (``pilot_errors``).
+    ``grid="adaptive"`` (the fractional ode default) runs a short pilot of the network once, at construction
+    (``pilot_nfe`` calls: 8 images x max(40, 4 x steps), at most 400; images of ``shape`` (C, H, W) or of the
+    model's in_channels / image_size; else at the first run); ``order="auto"`` (the fractional ode default)
+    then keeps order 2 or 3, whichever brings the pilot's images nearer its fine run (``pilot_errors``; 2 x 8 x
+    steps more calls; order 3 past 100 steps).
 
     ``model(x, s, y)`` is any callable with the official signature (``s = time_weight * t``).
     Opt-in fast paths: ``precision`` ('bf16'/'fp16' autocast of the network, state stays float32),
@@ -153,6 +154,9 @@ class Sampler:
                                                         corrector=corrector, lower_final=lower_final,
                                                         sigma_data=sigma_data)
             self._table = None
+            if mode not in S.MODES:
+                raise ValueError(f"unknown mode {mode!r}: choose 'sde' or 'ode'")
+            expint.time_grid(dyn, steps, eps=eps, grid="uniform")      # steps checked now, even if the table waits
             if self.solver_options["grid"] != "adaptive":
                 self._build_exp_table(None)
             elif shape is not None or _pilot_shape(model, None, required=False) is not None:
@@ -174,6 +178,7 @@ class Sampler:
     @table.setter
     def table(self, value: S.StepTable) -> None:
         self._table = value
+        self._graphs = {}                  # captured CUDA graphs hold the old table (and its history ring)
 
     def _build_exp_table(self, shape):
         """The exp solver's table; with the adaptive grid, after its pilot run on images of ``shape``
@@ -185,7 +190,9 @@ class Sampler:
                                                  time_weight=self.time_weight, device=self.device, **opts)
             return
         activity, reference, labels = self._pilot(shape)
-        candidates = (2, 3) if opts["order"] == "auto" else (opts["order"],)
+        candidates = (opts["order"],)
+        if opts["order"] == "auto":          # past PILOT_MAX_STEPS / 4 steps the pilot is no finer than the run
+            candidates = (2, 3) if 4 * self.steps <= PILOT_MAX_STEPS else (3,)
         tables, errors = {}, {}
         for order in candidates:
             tables[order] = expint.build_exp_table(self.dyn, self.steps, mode=self.mode, eps=self.eps,
@@ -196,10 +203,19 @@ class Sampler:
                                 time_weight=self.time_weight, backend=self.backend, solver="exp", device=self.device,
                                 order=order, grid="logsnr")
                 trial.table = tables[order]
-                x = trial.sample(PILOT_IMAGES, shape, seed=PILOT_SEED, labels=labels, batch_size=PILOT_IMAGES)
-                errors[order] = float((x.double() - reference.double()).abs().mean())
                 self.pilot_nfe += PILOT_IMAGES * self.steps
+                try:
+                    x = trial.sample(PILOT_IMAGES, shape, seed=PILOT_SEED, labels=labels, batch_size=PILOT_IMAGES)
+                except ValueError as err:            # a non-finite trial: that order is out
+                    if "non-finite" not in str(err):
+                        raise
+                    errors[order] = float("inf")
+                    continue
+                errors[order] = float((x.double() - reference.double()).abs().mean())
         order = min(candidates, key=lambda o: (errors.get(o, 0.0), o))
+        if errors and not np.isfinite(errors[order]):
+            raise ValueError("order='auto': both trial runs of the adaptive grid's pilot came out non-finite; the "
+                             "network's weights or the dynamics are broken")
         self.solver_options["order"], self.pilot_errors = order, errors
         self._table = tables[order]
 
@@ -209,34 +225,38 @@ class Sampler:
 
     def _pilot(self, shape):
         """The adaptive grid's pilot: ``PILOT_IMAGES`` images (fixed seed, labels cycling through the classes)
-        sampled with the order-3 ode exp solver on a log-SNR grid of max(PILOT_STEPS, 4 x steps) steps.
+        sampled in the run's mode (ode: order 3, sde: order 2) on a log-SNR grid of
+        min(max(PILOT_STEPS, 4 x steps), PILOT_MAX_STEPS) steps.
 
         Returns the activity (times, mean |d_{k+1} - d_k| / |lambda_{k+1} - lambda_k| between consecutive
         evaluations of the data prediction d), the pilot's images (the fine reference ``order="auto"``
         compares against) and its labels. Its network calls (``pilot_nfe``) are paid once per Sampler."""
         from gfdm_fast import expint
-        seen = []
+        classes = self.num_classes if self.num_classes is not None else getattr(self.model, "num_classes", None)
+        labels = torch.arange(PILOT_IMAGES) % classes if classes else None
+        _check_request(self.model, shape, labels, PILOT_IMAGES, self.num_classes)
+        times, change, prev = [], [], [None]
 
-        def recording(x, s, y=None):
+        def recording(x, s, y=None):        # d of each call, kept only until the next one
             e = self.network(x, s, y)
-            seen.append((float(s.reshape(-1)[0]) / self.time_weight, x.double(), e.double()))
+            t = float(s.reshape(-1)[0]) / self.time_weight
+            st = self.dyn.marginal_stats([t])
+            d = (x.double() - st.sigma_c.item() * e.double()) / st.mean_scale.item()
+            if prev[0] is not None:
+                change.append(float((d - prev[0]).abs().mean()))
+            prev[0] = d
+            times.append(t)
             return e
 
-        steps = max(PILOT_STEPS, 4 * self.steps)
+        steps = min(max(PILOT_STEPS, 4 * self.steps), PILOT_MAX_STEPS)
         pilot = Sampler(self.dyn, recording, steps=steps, mode=self.mode, eps=self.eps, time_weight=self.time_weight,
                         backend=self.backend, solver="exp", device=self.device, order=3 if self.mode == "ode" else 2,
                         grid="logsnr")
-        classes = self.num_classes if self.num_classes is not None else getattr(self.model, "num_classes", None)
-        labels = torch.arange(PILOT_IMAGES) % classes if classes else None
         reference = pilot.sample(PILOT_IMAGES, shape, seed=PILOT_SEED, labels=labels, batch_size=PILOT_IMAGES)
         self.pilot_nfe = steps * PILOT_IMAGES
-        t = np.array([v[0] for v in seen])
-        st = self.dyn.marginal_stats(t)
-        c, sig = st.mean_scale.numpy(), st.sigma_c.numpy()
-        d = [(x - float(sg) * e) / float(cc) for (_, x, e), cc, sg in zip(seen, c, sig)]
-        change = np.array([float((b - a).abs().mean()) for a, b in zip(d[:-1], d[1:])])
+        t = np.array(times)
         lam = expint.log_nsr(self.dyn, t)
-        return (np.sqrt(t[1:] * t[:-1]), change / np.abs(np.diff(lam))), reference, labels
+        return (np.sqrt(t[1:] * t[:-1]), np.array(change) / np.abs(np.diff(lam))), reference, labels
 
     @property
     def nfe(self) -> int:

@@ -271,6 +271,31 @@ def test_adaptive_sampler_pilot_is_reproducible_and_lazy():
     assert not np.allclose(a.table.t.numpy(), logsnr, atol=1e-3)          # the pilot moved the grid
 
 
+def test_adaptive_pilot_bounds_and_bad_input():
+    """The pilot is capped (8 x 400 calls; order auto keeps order 3 without trials past 100 steps), bad steps or
+    mode are refused at construction even when the table waits for the image shape, a shape the model cannot
+    take is one ValueError, and replacing the table drops captured CUDA graphs."""
+    dyn = make_dynamics("fvp", hurst=0.9, num_aug=2)
+    big = Sampler(dyn, MixtureOracle(dyn), steps=120, mode="ode", solver="exp", shape=(1, 2, 2))
+    assert big.pilot_nfe == 8 * 400 and big.pilot_errors == {} and big.solver_options["order"] == 3
+    for bad in (dict(steps=0), dict(mode="bogus")):
+        with pytest.raises(ValueError, match="steps|mode"):
+            Sampler(dyn, MixtureOracle(dyn), solver="exp", **{"steps": 4, "mode": "ode", **bad})
+
+    class OneChannel(torch.nn.Module):
+        in_channels, image_size, num_classes = 1, 4, None
+
+        def forward(self, x, s, y=None):
+            return 0.1 * x
+
+    with pytest.raises(ValueError, match="channel"):
+        Sampler(dyn, OneChannel(), steps=4, mode="ode", solver="exp", shape=(3, 4, 4))
+    s = Sampler(dyn, OneChannel(), steps=4, mode="ode", solver="exp")
+    s._graphs["stale"] = object()
+    s.table = s.table
+    assert s._graphs == {}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name,hurst,K", [("fvp", 0.9, 2), ("fvp", 0.8, 4)])
 @pytest.mark.parametrize("mode", ["ode", "sde"])

@@ -74,11 +74,12 @@ def add_arguments(parser):
     # -- exp solver knobs (issue 13); None = the measured default of gfdm_fast.expint.solver_options --
     from gfdm_fast.expint import GRIDS
     e.add_argument("--order", type=_order, default=None,
-                   help="--solver exp: interpolation order 1, 2, 3, or auto (2 or 3 by the adaptive grid's pilot; "
-                        "the fractional ode default)")
+                   help="--solver exp: interpolation order 1, 2, 3, or auto (2 or 3 by the adaptive grid's pilot, "
+                        "2 x 8 x steps more calls; the fractional ode default)")
     e.add_argument("--grid", choices=GRIDS, default=None,
-                   help="--solver exp: time grid (adaptive: from a 320-call pilot run of the network; the "
-                        "fractional default; VP defaults to power)")
+                   help="--solver exp: time grid (adaptive: from a pilot run of the network, 8 images x "
+                        "max(40, 4 x steps) calls, at most 400; the fractional ode default; fractional sde "
+                        "defaults to logsnr, VP to power)")
     e.add_argument("--rho", type=float, default=None, help="--solver exp --grid power: t uniform in t^(1/rho)")
     e.add_argument("--corrector", type=parse_bool, nargs="?", const=True, default=None,
                    help="--solver exp: UniPC-style corrector (no extra network call)")
