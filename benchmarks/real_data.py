@@ -113,6 +113,8 @@ def main():
     p.add_argument("--mode", default="sde", choices=("sde", "ode"), help="EM mode (default sde)")
     p.add_argument("--exp-mode", default="ode", choices=("sde", "ode"),
                    help="exponential-integrator mode (default ode)")
+    p.add_argument("--exp-grid", default=None,
+                   help="exponential-integrator time grid (default: the solver's default for the dynamics and mode)")
     p.add_argument("--out", default=os.path.join(HERE, "real_data"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
@@ -153,8 +155,9 @@ def main():
             p.error(f"unknown dynamics {name}; choose from {', '.join(DYNAMICS)}")
         net, dyn, record = trained(name, args)
         result["training"][name] = record
-        sde = "_sde" if args.exp_mode == "sde" else ""
-        samplers = [(f"exp{k}{sde}", dict(solver="exp", steps=int(k), mode=args.exp_mode), args.n)
+        tag = ("_sde" if args.exp_mode == "sde" else "") + (f"_{args.exp_grid}" if args.exp_grid else "")
+        grid = {} if args.exp_grid is None else {"grid": args.exp_grid}
+        samplers = [(f"exp{k}{tag}", dict(solver="exp", steps=int(k), mode=args.exp_mode, **grid), args.n)
                     for k in args.exp_nfe.split(",") if k]
         if args.em_steps:
             samplers.append(("em", dict(solver="em", steps=args.em_steps, mode=args.mode), args.em_n or args.n))

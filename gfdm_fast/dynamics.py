@@ -53,7 +53,7 @@ def _as_t(t, T):
     """Times as a 1-D float64 numpy array inside [0, T]."""
     if isinstance(t, torch.Tensor):
         t = t.detach().to("cpu", torch.float64).numpy()
-    arr = np.atleast_1d(np.asarray(t, dtype=np.float64))
+    arr = np.ascontiguousarray(np.atleast_1d(np.asarray(t, dtype=np.float64)))   # reversed views too (torch)
     if arr.ndim != 1:
         arr = arr.reshape(-1)
     if not np.all(np.isfinite(arr)) or arr.min(initial=0.0) < 0.0 or arr.max(initial=0.0) > T:
@@ -225,7 +225,7 @@ class Dynamics:
     def _yy(self, t):
         if self.recipe == "official":
             # the official Y block and regulariser are float32 torch (visible at t < 1e-3)
-            g32, t32 = torch.from_numpy(self._gamma).float(), torch.from_numpy(np.ascontiguousarray(t)).float()
+            g32, t32 = torch.from_numpy(self._gamma).float(), torch.from_numpy(t).float()
             s32 = g32[:, None] + g32[None, :]
             return ((1 - torch.exp(-t32[:, None, None] * s32)) / s32).double().numpy()
         s = self._gamma[:, None] + self._gamma[None, :]
@@ -234,7 +234,7 @@ class Dynamics:
     def _regulariser(self, t):
         """pd_eps e^{-2 gamma_k t}, (n, K)."""
         if self.recipe == "official":
-            g32, t32 = torch.from_numpy(self._gamma).float(), torch.from_numpy(np.ascontiguousarray(t)).float()
+            g32, t32 = torch.from_numpy(self._gamma).float(), torch.from_numpy(t).float()
             return (self.pd_eps * torch.exp(-2 * g32 * t32[:, None])).double().numpy()
         return self.pd_eps * np.exp(-2.0 * self._gamma[None, :] * t[:, None])
 

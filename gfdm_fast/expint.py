@@ -43,17 +43,23 @@ GRIDS = ("adaptive", "blend", "logsnr", "power", "uniform")
 # modes), at 10 NFE on the default mixture worst 50.5 vs 81.
 # Fractional ode (stop 20): the adaptive grid and order "auto" (adaptive_grid below; Sampler's pilot keeps order 2
 # or 3). On the oracle at 10 NFE, FVP H0.9 K2 / K3 / H0.8 K4 / H0.7 K2, W1 x 1e3: log-SNR grid + order 3 51 / 42 /
-# 89 / 55, adaptive + auto 8-12 (narrow modes 13-15, where auto keeps order 2: order 3 gave 46-66). On the trained
-# MNIST network (FVP H0.9 K3, judge FD at n = 1,000, real-vs-real 9.4) it keeps order 3 (order 2: 31.6) and equals
-# the log-SNR grid: 15.4 / 13.4 at 10 / 20 NFE against 15.4 / 12.9.
-# Fractional sde keeps the log-SNR grid: the adaptive grid reaches the oracle's 10-NFE target (10-12, narrow modes
-# 17-22, against 31-50) but the MNIST network's judge FD gets worse (10 NFE 41.8 vs 29.8, 20 NFE 22.3 vs 19.7), and
-# no blend of the two grids measured kept both (RESULTS.md, "Adaptive grid"). --grid adaptive opts in.
+# 89 / 55, adaptive + auto 7.5-12 (narrow modes 12.7-14.7, where auto keeps order 2: order 3 gave 42-61). On the
+# trained MNIST network (FVP H0.9 K3, judge FD at n = 1,000, real-vs-real 9.4) it keeps order 3 (order 2: 31.6) and
+# equals the log-SNR grid: 15.4 / 13.4 at 10 / 20 NFE against 15.4 / 12.9.
+# Fractional sde keeps the log-SNR grid: the adaptive grid reaches the oracle's 10-NFE target (10.4-11.9, narrow
+# modes 16.8-21.4, against 31-50) but the MNIST network's judge FD gets worse (10 NFE 41.8 vs 29.8, 20 NFE 22.8
+# vs 19.7), and no blend of the two grids measured kept both (RESULTS.md, "Adaptive grid"). --grid adaptive opts in.
 MEASURED_DEFAULTS = {
     "vp": dict(order=3, grid="power", rho=4.0, corrector=True, lower_final=False, sigma_data=0.0),
     "fractional": dict(order="auto", grid="adaptive", rho=2.0, corrector=True, lower_final=False, sigma_data=0.5),
 }
 MODE_DEFAULTS = {("fractional", "sde"): dict(order=2, grid="logsnr")}   # what differs in one mode
+
+
+def check_steps(steps):
+    """One network evaluation per step: an integer >= 1, or one clear ValueError."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
 
 
 def time_grid(dyn: Dynamics, steps, *, eps=1e-3, grid="logsnr", rho=2.0, mode="ode", sigma_data=0.5,
@@ -66,8 +72,7 @@ def time_grid(dyn: Dynamics, steps, *, eps=1e-3, grid="logsnr", rho=2.0, mode="o
     ``adaptive``: follows the network: ``activity`` = (times, |dd/dlog-SNR|) measured by a short pilot run
     (``Sampler`` makes it), see ``adaptive_grid``.
     """
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    check_steps(steps)
     T = dyn.T
     if grid == "blend":
         return 0.5 * (time_grid(dyn, steps, eps=eps, grid="logsnr") + time_grid(dyn, steps, eps=eps, grid="uniform"))
@@ -105,6 +110,7 @@ ADAPTIVE_POWER = 0.5
 ADAPTIVE_FLOOR = 0.001
 ADAPTIVE_UNIFORM = {"ode": 0.3, "sde": 0.0}
 _SENSITIVITY_POINTS = 2000
+_SENSITIVITY_CACHE = {}
 
 
 def sensitivity_kernel(dyn: Dynamics, t, *, mode="ode", sigma_data=0.5):
@@ -155,8 +161,11 @@ def adaptive_grid(dyn: Dynamics, steps, act_t, act, *, eps=1e-3, mode="ode", sig
         raise ValueError("activity must be two equal-length arrays: times > 0 and finite rates >= 0")
     if not act.max() > 0:
         raise ValueError("the pilot run's data prediction never changed: the network output is constant")
-    dense = np.geomspace(eps, dyn.T, _SENSITIVITY_POINTS)
-    kern, lam = sensitivity(_exact_twin(dyn), dense, mode=mode, sigma_data=sigma_data)
+    key = (tuple(sorted(dyn.config().items())), dyn.pd_eps, float(eps), mode, float(sigma_data))
+    if key not in _SENSITIVITY_CACHE:     # per process and dynamics: order auto builds two tables on one grid
+        dense = np.geomspace(eps, dyn.T, _SENSITIVITY_POINTS)
+        _SENSITIVITY_CACHE[key] = (dense, *sensitivity(_exact_twin(dyn), dense, mode=mode, sigma_data=sigma_data))
+    dense, kern, lam = _SENSITIVITY_CACHE[key]
     order = np.argsort(act_t)
     rate = np.interp(np.log(dense), np.log(act_t[order]), act[order])
     mag = kern * rate

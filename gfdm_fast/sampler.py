@@ -28,6 +28,10 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 PILOT_IMAGES, PILOT_STEPS, PILOT_MAX_STEPS, PILOT_SEED = 8, 40, 400, 20_241_204
 
 
+class NonFiniteSamples(ValueError):
+    """A batch came out NaN/inf (raised before anything of it is handed on)."""
+
+
 def _model_device(model):
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():
@@ -55,9 +59,9 @@ def _pilot_shape(model, shape, required=True):
                              "has no in_channels / image_size to take it from), or choose another grid")
         shape = (c, size, size)
     shape = tuple(int(v) for v in shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"shape must be (C, H, W) with every size >= 1, got {shape}")
-    return shape
+    if len(shape) != 3:
+        raise ValueError(f"shape must be (C, H, W), got {shape}")
+    return shape                                           # the sizes: _check_request, in the pilot
 
 
 def _check_model(model, device):
@@ -156,7 +160,7 @@ class Sampler:
             self._table = None
             if mode not in S.MODES:
                 raise ValueError(f"unknown mode {mode!r}: choose 'sde' or 'ode'")
-            expint.time_grid(dyn, steps, eps=eps, grid="uniform")      # steps checked now, even if the table waits
+            expint.check_steps(steps)                                  # now, even if the table waits
             if self.solver_options["grid"] != "adaptive":
                 self._build_exp_table(None)
             elif shape is not None or _pilot_shape(model, None, required=False) is not None:
@@ -201,14 +205,12 @@ class Sampler:
             if len(candidates) > 1:   # the pilot's prior draw, this run's grid and order: its ode end points
                 trial = Sampler(self.dyn, self.network, steps=self.steps, mode="ode", eps=self.eps,
                                 time_weight=self.time_weight, backend=self.backend, solver="exp", device=self.device,
-                                order=order, grid="logsnr")
+                                order=order, grid="adaptive")     # no shape: builds nothing until given a table
                 trial.table = tables[order]
                 self.pilot_nfe += PILOT_IMAGES * self.steps
                 try:
                     x = trial.sample(PILOT_IMAGES, shape, seed=PILOT_SEED, labels=labels, batch_size=PILOT_IMAGES)
-                except ValueError as err:            # a non-finite trial: that order is out
-                    if "non-finite" not in str(err):
-                        raise
+                except NonFiniteSamples:             # that order is out
                     errors[order] = float("inf")
                     continue
                 errors[order] = float((x.double() - reference.double()).abs().mean())
@@ -240,8 +242,8 @@ class Sampler:
         def recording(x, s, y=None):        # d of each call, kept only until the next one
             e = self.network(x, s, y)
             t = float(s.reshape(-1)[0]) / self.time_weight
-            st = self.dyn.marginal_stats([t])
-            d = (x.double() - st.sigma_c.item() * e.double()) / st.mean_scale.item()
+            inv_c, sig_over_c = expint.denoise_coefficients(self.dyn, t)
+            d = inv_c * x.double() - sig_over_c * e.double()
             if prev[0] is not None:
                 change.append(float((d - prev[0]).abs().mean()))
             prev[0] = d
@@ -400,9 +402,9 @@ class Sampler:
                 finite = torch.isfinite(img.reshape(b, -1)).all(dim=1)
                 if not bool(finite.all()):     # never hand NaN to a writer
                     bad = [chunk[j] for j in torch.nonzero(~finite).reshape(-1).tolist()]
-                    raise ValueError(f"images {bad[:8]}{' ...' if len(bad) > 8 else ''} ({len(bad)} of this batch of "
-                                     f"{b}) came out non-finite (NaN/inf): the network's weights or the dynamics "
-                                     "are broken; nothing of this batch was returned")
+                    raise NonFiniteSamples(f"images {bad[:8]}{' ...' if len(bad) > 8 else ''} ({len(bad)} of this "
+                                           f"batch of {b}) came out non-finite (NaN/inf): the network's weights or "
+                                           "the dynamics are broken; nothing of this batch was returned")
                 done += b
                 if bar is not None:
                     el = time.perf_counter() - t0

@@ -192,14 +192,14 @@ def test_vp_snr_times_give_vps_noise_levels(dynamics, hurst, num_aug):
     """Under vp_snr the network's log(sigma_c / c) is distributed as VP's under uniform t, restricted to the
     range this dynamics reaches (checked against VP's closed form, not the table): KS distance < 0.012 at
     n = 40,000 (the 99.9% bound is 0.0098)."""
+    from gfdm_fast.expint import log_nsr
     from gfdm_fast.loss import TimeMap, draw_times, sample_seeds
     dyn = make_dynamics(dynamics, hurst=hurst, num_aug=num_aug)
     seeds = sample_seeds(11, 0, 40_000)
     t = draw_times(seeds, TimeMap(dyn, "vp_snr"))
     assert t.dtype == torch.float64 and float(t.min()) >= 1e-5 and float(t.max()) <= 1.0
     def ks(times):
-        st = dyn.marginal_stats(times)
-        lam = np.sort(np.log(st.sigma_c.numpy() / st.mean_scale.numpy()))
+        lam = np.sort(log_nsr(dyn, times.numpy()))
         lo, hi = _vp_cdf(lam[0]), _vp_cdf(lam[-1])      # the range reached, in VP's probability
         return np.abs(np.arange(1, len(lam) + 1) / len(lam) - (_vp_cdf(lam) - lo) / (hi - lo)).max()
 
