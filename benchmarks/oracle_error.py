@@ -8,9 +8,10 @@ state) plus the Monte-Carlo error of the 1-D Wasserstein distance W1 between the
 large target sample (the `floor` line: W1 between two independent mixture samples of these sizes).
 Rows: VP (FVP K0, hurst 0.5), FVP H0.9 K2/K3, FVP H0.7 K2, FVP H0.8 K4, FVE H0.7 K2, FVE H0.9 K3; sde and
 ode; solver "em" (the official Euler-Maruyama on the official linspace grid) and "exp" (gfdm_fast.expint
-with its defaults; "exp_adaptive", only when --solvers names it: the defaults with grid "adaptive", what
-fractional sde opts into); NFE 5, 10, 15, 20, 35, 50, 100, 1000; plus the oracle's output rounded to bf16 (what a
-bf16 network does near t = 0, where e / sigma_c amplifies errors) at a few step counts.
+with its defaults; "exp_adaptive", only when --solvers names it: the defaults with grid "adaptive", the
+fractional default, so it differs from "exp" for VP only); NFE 5, 10, 15, 20, 35, 50, 100, 1000; plus the
+oracle's output rounded to bf16 (what a bf16 network does near t = 0, where e / sigma_c amplifies errors) at a
+few step counts.
 Issue 13's targets for "exp" (W1 x 1e3): VP <= 15 at 10 NFE and <= 6 at 20; fractional <= 30 and <= 15.
 The last block printed is README's few-step table (W1 x 1e3).
 """
@@ -38,7 +39,7 @@ DYNAMICS = [  # label, name, hurst, K: issue 13's table
     ("FVE H0.9 K3", "fve", 0.9, 3),
 ]
 MODES = ("sde", "ode")
-SOLVERS = ("em", "exp", "exp_adaptive")   # exp_adaptive: exp with --grid adaptive (the fractional sde opt-in)
+SOLVERS = ("em", "exp", "exp_adaptive")   # exp_adaptive: exp with --grid adaptive (VP's; the fractional default)
 DEFAULT_SOLVERS = ("em", "exp")
 FULL = dict(steps=(5, 10, 15, 20, 35, 50, 100, 1000), bf16_steps=(20, 50, 100), images=32, target=400_000)
 QUICK = dict(steps=(5, 10, 20, 50), bf16_steps=(20,), images=2, target=100_000)

@@ -105,7 +105,7 @@ class Sampler:
     """Fused reverse sampler: ``solver="em"`` is the official Euler-Maruyama sampler (docs/design.md,
     'Reverse sampling'); ``solver="exp"`` the exponential integrator of gfdm_fast.expint (few steps;
     ``order``, ``grid``, and ``denoise`` = one extra network call for Tweedie's estimate at t = eps).
-    ``grid="adaptive"`` (the fractional ode default) runs a short pilot of the network once, at construction
+    ``grid="adaptive"`` (the fractional default) runs a short pilot of the network once, at construction
     (``pilot_nfe`` calls: 8 images x max(40, 4 x steps), at most 400; images of ``shape`` (C, H, W) or of the
     model's in_channels / image_size; else at the first run); ``order="auto"`` (the fractional ode default)
     then keeps order 2 or 3, whichever brings the pilot's images nearer its fine run (``pilot_errors``; 2 x 8 x
@@ -231,22 +231,28 @@ class Sampler:
         min(max(PILOT_STEPS, 4 x steps), PILOT_MAX_STEPS) steps.
 
         Returns the activity (times, mean |d_{k+1} - d_k| / |lambda_{k+1} - lambda_k| between consecutive
-        evaluations of the data prediction d), the pilot's images (the fine reference ``order="auto"``
+        evaluations of the data prediction d, and the same for d - k x_in, its part that is not the Gaussian
+        denoiser ``expint.gauss_gain``), the pilot's images (the fine reference ``order="auto"``
         compares against) and its labels. Its network calls (``pilot_nfe``) are paid once per Sampler."""
         from gfdm_fast import expint
         classes = self.num_classes if self.num_classes is not None else getattr(self.model, "num_classes", None)
         labels = torch.arange(PILOT_IMAGES) % classes if classes else None
         _check_request(self.model, shape, labels, PILOT_IMAGES, self.num_classes)
-        times, change, prev = [], [], [None]
+        times, change, residual_change, prev = [], [], [], [None]
+        sigma_data = self.solver_options["sigma_data"]
 
-        def recording(x, s, y=None):        # d of each call, kept only until the next one
+        def recording(x, s, y=None):        # d and d - k x_in of each call, kept only until the next one
             e = self.network(x, s, y)
             t = float(s.reshape(-1)[0]) / self.time_weight
             inv_c, sig_over_c = expint.denoise_coefficients(self.dyn, t)
+            st = self.dyn.marginal_stats([t])
+            gain = float(expint.gauss_gain(st.mean_scale.item(), st.sigma_c.item(), sigma_data))
             d = inv_c * x.double() - sig_over_c * e.double()
+            residual = d - gain * x.double()
             if prev[0] is not None:
-                change.append(float((d - prev[0]).abs().mean()))
-            prev[0] = d
+                change.append(float((d - prev[0][0]).abs().mean()))
+                residual_change.append(float((residual - prev[0][1]).abs().mean()))
+            prev[0] = (d, residual)
             times.append(t)
             return e
 
@@ -258,7 +264,8 @@ class Sampler:
         self.pilot_nfe = steps * PILOT_IMAGES
         t = np.array(times)
         lam = expint.log_nsr(self.dyn, t)
-        return (np.sqrt(t[1:] * t[:-1]), np.array(change) / np.abs(np.diff(lam))), reference, labels
+        dlam = np.abs(np.diff(lam))
+        return (np.sqrt(t[1:] * t[:-1]), np.array(change) / dlam, np.array(residual_change) / dlam), reference, labels
 
     @property
     def nfe(self) -> int:

@@ -78,8 +78,7 @@ def add_arguments(parser):
                         "2 x 8 x steps more calls; the fractional ode default)")
     e.add_argument("--grid", choices=GRIDS, default=None,
                    help="--solver exp: time grid (adaptive: from a pilot run of the network, 8 images x "
-                        "max(40, 4 x steps) calls, at most 400; the fractional ode default; fractional sde "
-                        "defaults to logsnr, VP to power)")
+                        "max(40, 4 x steps) calls, at most 400; the fractional default; VP defaults to power)")
     e.add_argument("--rho", type=float, default=None, help="--solver exp --grid power: t uniform in t^(1/rho)")
     e.add_argument("--corrector", type=parse_bool, nargs="?", const=True, default=None,
                    help="--solver exp: UniPC-style corrector (no extra network call)")
