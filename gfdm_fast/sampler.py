@@ -108,8 +108,9 @@ class Sampler:
     ``grid="adaptive"`` (the fractional default) runs a short pilot of the network once, at construction
     (``pilot_nfe`` calls: 8 images x max(40, 4 x steps), at most 400; images of ``shape`` (C, H, W) or of the
     model's in_channels / image_size; else at the first run); ``order="auto"`` (the fractional ode default)
-    then keeps order 2 or 3, whichever brings the pilot's images nearer its fine run (``pilot_errors``; 2 x 8 x
-    steps more calls; order 3 past 100 steps).
+    then keeps the order (2 or 3) and the grid's residual share (``expint.AUTO_RESIDUAL_SHARES``) whose run of the
+    pilot's prior draw lands nearest its fine run (``pilot_errors``, keyed (order, share); 4 x 8 x steps more
+    calls; order 3 and share 0 past 100 steps). ``solver_options`` records the kept order and share.
 
     ``model(x, s, y)`` is any callable with the official signature (``s = time_weight * t``).
     Opt-in fast paths: ``precision`` ('bf16'/'fp16' autocast of the network, state stays float32),
@@ -188,38 +189,42 @@ class Sampler:
         """The exp solver's table; with the adaptive grid, after its pilot run on images of ``shape``
         (and with ``order="auto"`` the order whose pilot images land nearest the pilot's fine run)."""
         from gfdm_fast import expint
-        opts = dict(self.solver_options)
+        opts = {k: v for k, v in self.solver_options.items() if k != "residual_share"}
         if opts["grid"] != "adaptive":
             self._table = expint.build_exp_table(self.dyn, self.steps, mode=self.mode, eps=self.eps,
                                                  time_weight=self.time_weight, device=self.device, **opts)
             return
         activity, reference, labels = self._pilot(shape)
-        candidates = (opts["order"],)
+        candidates = [(opts["order"], None)]                     # (order, residual share); None: the mode's
         if opts["order"] == "auto":          # past PILOT_MAX_STEPS / 4 steps the pilot is no finer than the run
-            candidates = (2, 3) if 4 * self.steps <= PILOT_MAX_STEPS else (3,)
+            candidates = [(o, share) for share in expint.AUTO_RESIDUAL_SHARES for o in (2, 3)] \
+                if 4 * self.steps <= PILOT_MAX_STEPS else [(3, None)]
         tables, errors = {}, {}
-        for order in candidates:
-            tables[order] = expint.build_exp_table(self.dyn, self.steps, mode=self.mode, eps=self.eps,
-                                                   time_weight=self.time_weight, device=self.device,
-                                                   activity=activity, **dict(opts, order=order))
+        for order, share in candidates:
+            table = expint.build_exp_table(self.dyn, self.steps, mode=self.mode, eps=self.eps,
+                                           time_weight=self.time_weight, device=self.device, activity=activity,
+                                           residual_share=share, **dict(opts, order=order))
+            tables[order, share] = table
             if len(candidates) > 1:   # the pilot's prior draw, this run's grid and order: its ode end points
                 trial = Sampler(self.dyn, self.network, steps=self.steps, mode="ode", eps=self.eps,
                                 time_weight=self.time_weight, backend=self.backend, solver="exp", device=self.device,
                                 order=order, grid="adaptive")     # no shape: builds nothing until given a table
-                trial.table = tables[order]
+                trial.table = table
                 self.pilot_nfe += PILOT_IMAGES * self.steps
                 try:
                     x = trial.sample(PILOT_IMAGES, shape, seed=PILOT_SEED, labels=labels, batch_size=PILOT_IMAGES)
-                except NonFiniteSamples:             # that order is out
-                    errors[order] = float("inf")
+                except NonFiniteSamples:             # that candidate is out
+                    errors[order, share] = float("inf")
                     continue
-                errors[order] = float((x.double() - reference.double()).abs().mean())
-        order = min(candidates, key=lambda o: (errors.get(o, 0.0), o))
-        if errors and not np.isfinite(errors[order]):
-            raise ValueError("order='auto': both trial runs of the adaptive grid's pilot came out non-finite; the "
+                errors[order, share] = float((x.double() - reference.double()).abs().mean())
+        best = min(candidates, key=lambda c: (errors.get(c, 0.0), c[1] or 0.0, c[0]))
+        if errors and not np.isfinite(errors[best]):
+            raise ValueError("order='auto': every trial run of the adaptive grid's pilot came out non-finite; the "
                              "network's weights or the dynamics are broken")
+        order, share = best
         self.solver_options["order"], self.pilot_errors = order, errors
-        self._table = tables[order]
+        self.solver_options["residual_share"] = expint.ADAPTIVE_RESIDUAL[self.mode] if share is None else share
+        self._table = tables[best]
 
     def _ensure_table(self, shape):
         if self._table is None:
