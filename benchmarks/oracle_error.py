@@ -38,6 +38,9 @@ DYNAMICS = [  # label, name, hurst, K: issue 13's table
     ("FVE H0.7 K2", "fve", 0.7, 2),
     ("FVE H0.9 K3", "fve", 0.9, 3),
 ]
+# --sweep: issue 13's "any H in 0.7-0.9 with K <= 4", both families (the defaults must not be tuned to the table)
+SWEEP = [(f"{name.upper()} H{h:g} K{k}", name, h, k) for name in ("fvp", "fve") for h in (0.7, 0.75, 0.8, 0.85, 0.9)
+         for k in (1, 2, 3, 4)]
 MODES = ("sde", "ode")
 SOLVERS = ("em", "exp", "exp_adaptive")   # exp_adaptive: exp with --grid adaptive (VP's; the fractional default)
 DEFAULT_SOLVERS = ("em", "exp")
@@ -63,7 +66,7 @@ def run(cfg, log=print):
     floor = w1(mix.sample(pixels, torch.Generator().manual_seed(1)), target)
     log(f"{pixels} pixels per run, target sample {cfg['target']}; Monte-Carlo floor W1 = {floor:.4f}")
     rows = []
-    for label, name, hurst, K in DYNAMICS:
+    for label, name, hurst, K in cfg.get("dynamics", DYNAMICS):
         dyn = make_dynamics(name, hurst=hurst, num_aug=K)
         for mode in MODES:
             for solver in cfg.get("solvers", DEFAULT_SOLVERS):
@@ -103,6 +106,20 @@ def check_targets(rows):
                 ok = "meets" if r["w1"] <= bound else "MISSES"
                 lines.append(f"exp {r['mode']} {steps:3d} NFE {r['dynamics']:12s} W1 {r['w1']:.4f} <= {bound}: {ok}")
     return "\n".join(lines)
+
+
+def worst_rows(rows):
+    """The worst fractional exp row per mode and NFE (fp32 oracle), W1 x 1e3."""
+    out = []
+    for mode in MODES:
+        for steps in sorted({r["steps"] for r in rows}):
+            got = [r for r in rows if r["solver"] == "exp" and r["oracle"] == "fp32" and r["K"] > 0
+                   and r["mode"] == mode and r["steps"] == steps]
+            if got:
+                w = max(got, key=lambda r: r["w1"])
+                out.append(f"worst fractional exp {mode} {steps:3d} NFE over {len(got)} dynamics: "
+                           f"{1e3 * w['w1']:.1f} ({w['dynamics']})")
+    return "\n".join(out)
 
 
 def markdown_table(rows):
@@ -190,6 +207,9 @@ def main(argv=None):
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16-rounded oracle rows")
     p.add_argument("--mixture", default="default", choices=sorted(MIXTURES),
                    help="per-pixel law: the default two-mode mixture, or three narrow modes (generalisation check)")
+    p.add_argument("--sweep", action="store_true",
+                   help="every dynamics FVP/FVE x H 0.7-0.9 (step 0.05) x K 1-4 instead of the table's seven; "
+                        "prints the worst row per mode and NFE")
     p.add_argument("--solvers", default=",".join(DEFAULT_SOLVERS),
                    help=f"comma-separated, from {','.join(SOLVERS)} (default em,exp)")
     args = p.parse_args(argv)
@@ -205,6 +225,8 @@ def main(argv=None):
     if not args.bf16:
         cfg["bf16_steps"] = ()
     cfg.update(mixture=args.mixture, solvers=solvers)
+    if args.sweep:
+        cfg["dynamics"] = SWEEP
     t0 = time.perf_counter()
     print(f"oracle test bed, torch {torch.__version__}, {datetime.date.today().isoformat()}, "
           f"{'--quick' if args.quick else 'full'}, {args.mixture} mixture", flush=True)
@@ -213,6 +235,9 @@ def main(argv=None):
     print(format_table(rows, floor))
     print()
     print(check_targets(rows))
+    if args.sweep:
+        print()
+        print(worst_rows(rows))
     print()
     print(markdown_table(rows))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")

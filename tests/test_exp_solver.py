@@ -157,13 +157,25 @@ def test_defaults_generalise_to_narrow_modes(name, hurst, K, mode):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,hurst,K", FEW)
 @pytest.mark.parametrize("steps", [5, 10])
-def test_defaults_never_worse_than_order1_on_the_same_grid(name, hurst, K, steps):
+@pytest.mark.parametrize("mode", ["ode", "sde"])
+def test_defaults_never_worse_than_order1_on_the_same_grid(name, hurst, K, steps, mode):
+    """The defaults against order 1 (no corrector; the rest as the defaults) on the very same times: for the
+    adaptive grid the order-1 table is built from the default run's pilot and residual share."""
+    from gfdm_fast.oracle import w1
     dyn = make_dynamics(name, hurst=hurst, num_aug=K)
-    grid = Sampler(dyn, MixtureOracle(dyn), steps=steps, solver="exp").solver_options["grid"]
-    d = _w1_default(name, hurst, K, "ode", steps)
-    o1 = _w1_default(name, hurst, K, "ode", steps, order=1, corrector=False, grid=grid, sigma_data=0.0)
-    # paired runs (same prior draw and grid): measured d / o1 = 0.17-0.67, so "never worse" is asserted with room
-    assert d < 0.8 * o1, (d, o1)
+    model, shape = MixtureOracle(dyn), (1, 32, 32)
+    d = Sampler(dyn, model, steps=steps, mode=mode, solver="exp", shape=shape)
+    o1 = Sampler(dyn, model, steps=steps, mode=mode, solver="exp", order=1, corrector=False,
+                 grid=d.solver_options["grid"], rho=d.solver_options["rho"])
+    if d.solver_options["grid"] == "adaptive":
+        o1.table = build_exp_table(dyn, steps, mode=mode, order=1, corrector=False, activity=d._pilot(shape)[0],
+                                   residual_share=d.solver_options["residual_share"])
+    assert torch.equal(o1.table.t, d.table.t)
+    target = GaussianMixture().sample(200_000, torch.Generator().manual_seed(0))
+    errs = [w1(s.sample(4, shape), target) for s in (d, o1)]
+    # paired runs (same prior draw, noise and grid): measured d / o1 = 0.18-0.58 (ode), 0.17-0.46 (sde), so "never
+    # worse" is asserted with room
+    assert errs[0] < 0.8 * errs[1], (mode, errs)
 
 
 @pytest.mark.parametrize("name,hurst,K", FEW)

@@ -74,8 +74,8 @@ def add_arguments(parser):
     # -- exp solver knobs (issue 13); None = the measured default of gfdm_fast.expint.solver_options --
     from gfdm_fast.expint import GRIDS
     e.add_argument("--order", type=_order, default=None,
-                   help="--solver exp: interpolation order 1, 2, 3, or auto (2 or 3 by the adaptive grid's pilot, "
-                        "2 x 8 x steps more calls; the fractional ode default)")
+                   help="--solver exp: interpolation order 1, 2, 3, or auto (2 or 3, and the adaptive grid's "
+                        "residual share, by its pilot: 4 x 8 x steps more calls; the fractional ode default)")
     e.add_argument("--grid", choices=GRIDS, default=None,
                    help="--solver exp: time grid (adaptive: from a pilot run of the network, 8 images x "
                         "max(40, 4 x steps) calls, at most 400; the fractional default; VP defaults to power)")
