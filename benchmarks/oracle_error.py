@@ -42,7 +42,7 @@ DYNAMICS = [  # label, name, hurst, K: issue 13's table
 SWEEP = [(f"{name.upper()} H{h:g} K{k}", name, h, k) for name in ("fvp", "fve") for h in (0.7, 0.75, 0.8, 0.85, 0.9)
          for k in (1, 2, 3, 4)]
 MODES = ("sde", "ode")
-SOLVERS = ("em", "exp", "exp_adaptive")   # exp_adaptive: exp with --grid adaptive (VP's; the fractional default)
+SOLVERS = ("em", "exp", "exp_adaptive")   # exp_adaptive: exp with --grid adaptive (differs from exp for VP only)
 DEFAULT_SOLVERS = ("em", "exp")
 FULL = dict(steps=(5, 10, 15, 20, 35, 50, 100, 1000), bf16_steps=(20, 50, 100), images=32, target=400_000)
 QUICK = dict(steps=(5, 10, 20, 50), bf16_steps=(20,), images=2, target=100_000)

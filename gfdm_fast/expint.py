@@ -73,6 +73,8 @@ def time_grid(dyn: Dynamics, steps, *, eps=1e-3, grid="logsnr", rho=2.0, mode="o
     by a short pilot run (``Sampler`` makes it; sde needs the third), see ``adaptive_grid``.
     """
     check_steps(steps)
+    if grid != "adaptive" and (activity is not None or residual_share is not None):
+        raise ValueError(f"activity and residual_share belong to grid 'adaptive', not {grid!r}")
     T = dyn.T
     if grid == "blend":
         return 0.5 * (time_grid(dyn, steps, eps=eps, grid="logsnr") + time_grid(dyn, steps, eps=eps, grid="uniform"))
@@ -187,7 +189,8 @@ def adaptive_grid(dyn: Dynamics, steps, act_t, act, residual=None, *, eps=1e-3, 
     """steps+1 times from T to eps that equidistribute (sensitivity x activity) ** ADAPTIVE_POWER per unit
     log-SNR; ``act`` (>= 0) is |dd/dlog-SNR| measured at times ``act_t`` (any order; held constant beyond),
     ``residual`` the same for d - k x_in (``gauss_gain``), blended in with ``share`` (in [0, 1); default
-    ADAPTIVE_RESIDUAL[mode]; ode's order "auto" tries AUTO_RESIDUAL_SHARES)."""
+    ADAPTIVE_RESIDUAL[mode]; ode's order "auto" tries AUTO_RESIDUAL_SHARES). With sigma_data = 0 there is no
+    Gaussian part (k = 0, the residual is d itself): no share."""
     times = act_t
     act_t, act = _rates(times, act, "activity")
     if not act.max() > 0:
@@ -195,6 +198,10 @@ def adaptive_grid(dyn: Dynamics, steps, act_t, act, residual=None, *, eps=1e-3, 
     share = ADAPTIVE_RESIDUAL[mode] if share is None else float(share)
     if not 0.0 <= share < 1.0:
         raise ValueError(f"the residual share must lie in [0, 1), got {share!r}")
+    if residual is not None:
+        res_t, res = _rates(times, residual, "residual activity")
+    if not sigma_data > 0:
+        share = 0.0
     if share and residual is None:
         raise ValueError(f"the {mode} adaptive grid also follows the non-Gaussian part of d: pass activity=(times, "
                          "rates, residual rates), as Sampler's pilot measures it")
@@ -209,7 +216,6 @@ def adaptive_grid(dyn: Dynamics, steps, act_t, act, residual=None, *, eps=1e-3, 
     beta = ADAPTIVE_UNIFORM[mode]
     u = (1.0 - beta) * u / u[-1] + beta * u_lam / u_lam[-1]
     if share:
-        res_t, res = _rates(times, residual, "residual activity")
         if res.max() > 0:                 # all zero: Gaussian data, the integrator's own part; nothing to add
             u_res = _cumulative(np.interp(np.log(dense), np.log(res_t), res) ** ADAPTIVE_POWER, lam)
             u = (1.0 - share) * u + share * u_res / u_res[-1]
@@ -331,8 +337,9 @@ def solver_options(dyn: Dynamics, *, mode="ode", order=None, grid=None, rho=None
     if auto and order is None and (opts["grid"] != "adaptive" or mode != "ode"):
         opts["order"], auto = 3, False        # the defaulted order on a given fixed grid: order 3 (stop 19's default)
     if auto and (opts["grid"] != "adaptive" or mode != "ode"):
-        raise ValueError("order='auto' keeps order 2 or 3 by comparing ode runs of the adaptive grid's pilot: it needs "
-                         "mode='ode' and grid='adaptive'; give order 1, 2 or 3 otherwise")
+        raise ValueError("order='auto' keeps order 2 or 3 and the grid's residual share by comparing ode runs of "
+                         "the adaptive grid's pilot: it needs mode='ode' and grid='adaptive'; give order 1, 2 or 3 "
+                         "otherwise")
     opts = dict(order="auto" if auto else _int_order(opts["order"]), grid=opts["grid"], rho=float(opts["rho"]),
                 corrector=bool(opts["corrector"]), lower_final=bool(opts["lower_final"]),
                 sigma_data=float(opts["sigma_data"]))

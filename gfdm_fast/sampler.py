@@ -187,7 +187,8 @@ class Sampler:
 
     def _build_exp_table(self, shape):
         """The exp solver's table; with the adaptive grid, after its pilot run on images of ``shape``
-        (and with ``order="auto"`` the order whose pilot images land nearest the pilot's fine run)."""
+        (and with ``order="auto"`` the (order, residual share) whose pilot images land nearest the pilot's fine
+        run)."""
         from gfdm_fast import expint
         opts = {k: v for k, v in self.solver_options.items() if k != "residual_share"}
         if opts["grid"] != "adaptive":
@@ -195,10 +196,13 @@ class Sampler:
                                                  time_weight=self.time_weight, device=self.device, **opts)
             return
         activity, reference, labels = self._pilot(shape)
-        candidates = [(opts["order"], None)]                     # (order, residual share); None: the mode's
+        # (order, residual share); no share without a Gaussian part to tell the residual from d (sigma_data 0)
+        default_share = expint.ADAPTIVE_RESIDUAL[self.mode] if opts["sigma_data"] > 0 else 0.0
+        candidates = [(opts["order"], default_share)]
         if opts["order"] == "auto":          # past PILOT_MAX_STEPS / 4 steps the pilot is no finer than the run
-            candidates = [(o, share) for share in expint.AUTO_RESIDUAL_SHARES for o in (2, 3)] \
-                if 4 * self.steps <= PILOT_MAX_STEPS else [(3, None)]
+            shares = expint.AUTO_RESIDUAL_SHARES if opts["sigma_data"] > 0 else (0.0,)
+            candidates = [(o, share) for share in shares for o in (2, 3)] \
+                if 4 * self.steps <= PILOT_MAX_STEPS else [(3, default_share)]
         tables, errors = {}, {}
         for order, share in candidates:
             table = expint.build_exp_table(self.dyn, self.steps, mode=self.mode, eps=self.eps,
@@ -217,13 +221,13 @@ class Sampler:
                     errors[order, share] = float("inf")
                     continue
                 errors[order, share] = float((x.double() - reference.double()).abs().mean())
-        best = min(candidates, key=lambda c: (errors.get(c, 0.0), c[1] or 0.0, c[0]))
+        best = min(candidates, key=lambda c: (errors.get(c, 0.0), c[1], c[0]))
         if errors and not np.isfinite(errors[best]):
             raise ValueError("order='auto': every trial run of the adaptive grid's pilot came out non-finite; the "
                              "network's weights or the dynamics are broken")
         order, share = best
         self.solver_options["order"], self.pilot_errors = order, errors
-        self.solver_options["residual_share"] = expint.ADAPTIVE_RESIDUAL[self.mode] if share is None else share
+        self.solver_options["residual_share"] = share
         self._table = tables[best]
 
     def _ensure_table(self, shape):

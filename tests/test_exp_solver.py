@@ -224,6 +224,7 @@ def test_auto_order_keeps_the_order_nearer_the_pilot_run():
     errs = auto.pilot_errors
     assert set(errs) == {(o, sh) for o in (2, 3) for sh in AUTO_RESIDUAL_SHARES}
     order, share = min(errs, key=errs.get)
+    assert share == 0.2 and errs[2, 0.2] < errs[2, 0.0]         # the share is used: 0.022 against 0.045
     assert order == 2 and (auto.solver_options["order"], auto.solver_options["residual_share"]) == (order, share)
     assert auto.table.order == 2 and auto.pilot_nfe == 8 * 40 + 4 * 8 * 10
     activity = auto._pilot((1, 8, 8))[0]                     # fixed seed: the same measurement again
@@ -294,6 +295,29 @@ def test_adaptive_grid_residual_share_draws_steps_to_non_gaussian_change(monkeyp
             expint.adaptive_grid(dyn, 10, at, act, bad, mode="sde")
     with pytest.raises(ValueError, match="activity"):
         time_grid(dyn, 10, grid="adaptive", activity=(at,))
+
+
+def test_sampler_grid_uses_the_recorded_residual_share():
+    """The sde default's times are adaptive_grid's with the 0.2 share on the pilot's measurement (and differ from
+    share 0); sigma_data 0 has no Gaussian part to tell the residual from d, so no share; the residual is checked
+    whatever the share, and activity or a share given to a fixed grid is one ValueError."""
+    from gfdm_fast import expint
+    dyn = make_dynamics("fvp", hurst=0.9, num_aug=2)
+    grid_of = lambda s, share: expint.adaptive_grid(  # noqa: E731
+        dyn, 8, *s._pilot((1, 8, 8))[0], mode="sde", sigma_data=s.solver_options["sigma_data"], share=share)[:-1]
+    s = Sampler(dyn, MixtureOracle(dyn), steps=8, mode="sde", solver="exp", shape=(1, 8, 8))
+    assert s.solver_options["residual_share"] == 0.2
+    np.testing.assert_allclose(s.table.t.numpy(), grid_of(s, 0.2), rtol=1e-6)
+    assert not np.allclose(s.table.t.numpy(), grid_of(s, 0.0), rtol=1e-3)
+    z = Sampler(dyn, MixtureOracle(dyn), steps=8, mode="sde", solver="exp", sigma_data=0.0, shape=(1, 8, 8))
+    assert z.solver_options["residual_share"] == 0.0
+    np.testing.assert_allclose(grid_of(z, 0.2), grid_of(z, 0.0))
+    at = np.geomspace(1e-3, 1.0, 30)
+    with pytest.raises(ValueError, match="residual"):
+        expint.adaptive_grid(dyn, 8, at, np.ones_like(at), np.full_like(at, np.nan), mode="ode")
+    for bad in (dict(activity=(at, np.ones_like(at))), dict(residual_share=0.2)):
+        with pytest.raises(ValueError, match="adaptive"):
+            time_grid(dyn, 8, grid="logsnr", **bad)
 
 
 def test_pilot_residual_activity_vanishes_for_gaussian_data():

@@ -472,6 +472,7 @@ def test_exp_solver_knobs_recorded_in_the_manifest(runs):
     assert rc == 0, err
     meta = json.loads((out / "gfdm_generate.json").read_text())
     assert meta["exp_solver"]["grid"] == "adaptive" and meta["exp_solver"]["order"] in (2, 3)
+    assert meta["exp_solver"]["residual_share"] in (0.0, 0.2)     # the pilot's pick, with the order
     assert len(meta["exp_times"]) == 4 and meta["exp_times"][0] == 1.0 and np.all(np.diff(meta["exp_times"]) < 0)
     rc, _, err = generate("--output_dir", runs, *FLAGS, *NET_FLAGS, "--n_samples", 2, "--out", runs / "em_knobs",
                           "--order", 3)
