@@ -1,6 +1,7 @@
 """W1 versus steps on the Gaussian-mixture oracle test bed: Euler-Maruyama against the exponential integrator.
 
     python benchmarks/oracle_error.py [--quick] [--steps 5,10,..] [--no-bf16] [--json PATH] [--plot PATH] [--threads N]
+                                      [--mixture narrow] [--solvers em,exp] [--sweep]
 
 Per-pixel i.i.d. data from gfdm_fast.oracle.GaussianMixture; the network is its closed-form optimal
 epsilon predictor (MixtureOracle), so the error left is the sampler's own (discretisation, float32

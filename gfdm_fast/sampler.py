@@ -276,6 +276,19 @@ class Sampler:
         dlam = np.abs(np.diff(lam))
         return (np.sqrt(t[1:] * t[:-1]), np.array(change) / dlam, np.array(residual_change) / dlam), reference, labels
 
+    def share_table(self, dist) -> None:
+        """With several processes (``dist``: gfdm_fast.distributed.Dist), every rank takes rank 0's adaptive grid,
+        kept order and residual share: each ran the pilot, and on GPUs its last bits (and so order auto's pick)
+        may differ per rank, while the shards of one run must come from one grid. Other grids need nothing."""
+        if dist.world == 1 or getattr(self, "solver_options", {}).get("grid") != "adaptive":
+            return
+        import dataclasses
+        t = self.table
+        on_cpu = {k: getattr(t, k).cpu() for k in ("table", "t", "s", "prior")}
+        table, options = dist.broadcast((dataclasses.replace(t, **on_cpu), dict(self.solver_options)))
+        self.table = dataclasses.replace(table, **{k: getattr(table, k).to(self.device) for k in on_cpu})
+        self.solver_options = options
+
     @property
     def nfe(self) -> int:
         return self.steps + int(self.denoise)

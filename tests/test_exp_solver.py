@@ -320,6 +320,37 @@ def test_sampler_grid_uses_the_recorded_residual_share():
             time_grid(dyn, 8, grid="logsnr", **bad)
 
 
+def test_share_table_gives_every_rank_rank0s_grid():
+    """Under torchrun every rank runs the pilot; share_table makes each take rank 0's table, order and share (on
+    GPUs a rank's pilot may differ in its last bits); one process, or a fixed grid, is left as it is."""
+    dyn = make_dynamics("fvp", hurst=0.9, num_aug=2)
+    rank0 = Sampler(dyn, MixtureOracle(dyn), steps=6, mode="ode", solver="exp", shape=(1, 4, 4))
+    other = Sampler(dyn, MixtureOracle(dyn, NARROW), steps=6, mode="ode", solver="exp", shape=(1, 4, 4))
+    assert not torch.equal(other.table.t, rank0.table.t)           # a pilot that came out otherwise
+    sent = {}
+
+    class Rank:                          # a 2-process group's broadcast as one rank sees it: rank 0's object
+        def __init__(self, main):
+            self.world, self.main = 2, main
+
+        def broadcast(self, obj):
+            return sent.setdefault("obj", obj)
+
+    mine = rank0.table
+    rank0.share_table(Rank(True))
+    other.share_table(Rank(False))
+    assert torch.equal(rank0.table.table, mine.table)
+    for name in ("table", "t", "s", "prior"):
+        assert torch.equal(getattr(other.table, name), getattr(rank0.table, name)), name
+    assert other.table.order == rank0.table.order and other.solver_options == rank0.solver_options
+    alone, fixed = (Sampler(dyn, MixtureOracle(dyn, NARROW), steps=6, mode="ode", solver="exp", shape=(1, 4, 4), **kw)
+                    for kw in ({}, dict(grid="logsnr")))
+    before = (alone.table.t.clone(), fixed.table.t.clone())
+    alone.share_table(type("One", (), {"world": 1})())
+    fixed.share_table(Rank(False))
+    assert torch.equal(alone.table.t, before[0]) and torch.equal(fixed.table.t, before[1])
+
+
 def test_pilot_residual_activity_vanishes_for_gaussian_data():
     """The pilot's residual activity is the change of d - k x_in, k the Gaussian denoiser of sigma_data = 0.5: for
     data N(0, 0.5^2) the optimal d is k x_in, so it is ~0 (float32 state: < 1e-4 of the full change) while the

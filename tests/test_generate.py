@@ -355,14 +355,16 @@ dist.destroy_process_group()
 
 
 def test_two_processes_match_one(runs, reference, full_out, tmp_path):
-    """torchrun, 2 processes on gloo: official .npy, --out shards and FID equal the 1-process results."""
+    """torchrun, 2 processes on gloo: official .npy, --out shards and FID equal the 1-process results; so do the
+    exp solver's shards on its adaptive grid (every rank takes rank 0's pilot table: Sampler.share_table)."""
     (tmp_path / "worker.py").write_text(WORKER)
     ref = tmp_path / "ref.npz"
     fake = FakeInception().eval()
     F.save_stats(ref, *fid_ref_stats())
     common = ["--output_dir", str(runs), *FLAGS, *NET_FLAGS, "--n_samples", str(N), "--batch_size", "3"]
+    exp = ["--out", str(runs / "shards_exp"), "--shard-size", "4", "--solver", "exp", "--steps", "4", "--mode", "ode"]
     commands = [common, common + ["--out", str(runs / "shards"), "--shard-size", "4"],
-                common + ["--fid-ref", str(ref)]]
+                common + ["--fid-ref", str(ref)], common + exp]
     (tmp_path / "commands.json").write_text(json.dumps(commands))
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), str(Path(__file__).parent)]))
@@ -381,6 +383,13 @@ def test_two_processes_match_one(runs, reference, full_out, tmp_path):
     assert names == full_names
     assert np.abs(images.astype(int) - full_images.astype(int)).max() <= 1
     np.testing.assert_array_equal(shard_labels, full_labels)
+    exp_one = tmp_path / "exp_one"
+    rc, _, err = generate(*common, *exp[:1], exp_one, *exp[2:])
+    assert rc == 0, err
+    (names, images, _), (one_names, one_images, _) = read_shards(runs / "shards_exp"), read_shards(exp_one)
+    assert names == one_names and np.abs(images.astype(int) - one_images.astype(int)).max() <= 1
+    meta, one_meta = (json.loads((p / "gfdm_generate.json").read_text()) for p in (runs / "shards_exp", exp_one))
+    assert meta["exp_times"] == one_meta["exp_times"] and meta["exp_solver"] == one_meta["exp_solver"]
     value = float(proc.stdout.split("FID:")[1].split()[0])
     acc = F.FIDAccumulator(64, "cpu", model=fake)
     acc.update(full_images.transpose(0, 3, 1, 2))
@@ -467,12 +476,13 @@ def test_exp_solver_knobs_recorded_in_the_manifest(runs):
                                   "sigma_data": 0.5}
     assert meta["exp_times"] == pytest.approx(list(np.linspace(1.0, 1e-3 ** 0.4, 5)[:-1] ** 2.5), rel=1e-6)
     out = runs / "exp_defaults"                      # fractional defaults: adaptive grid, order chosen by the pilot
-    rc, _, err = generate("--output_dir", runs, *FLAGS, *NET_FLAGS, "--n_samples", 2, "--out", out, "--solver", "exp",
-                          "--steps", 4, "--mode", "ode")
+    rc, stdout, err = generate("--output_dir", runs, *FLAGS, *NET_FLAGS, "--n_samples", 2, "--out", out, "--solver",
+                               "exp", "--steps", 4, "--mode", "ode")
     assert rc == 0, err
     meta = json.loads((out / "gfdm_generate.json").read_text())
     assert meta["exp_solver"]["grid"] == "adaptive" and meta["exp_solver"]["order"] in (2, 3)
     assert meta["exp_solver"]["residual_share"] in (0.0, 0.2)     # the pilot's pick, with the order
+    assert f"exp solver: order {meta['exp_solver']['order']}, grid adaptive (pilot: " in stdout
     assert len(meta["exp_times"]) == 4 and meta["exp_times"][0] == 1.0 and np.all(np.diff(meta["exp_times"]) < 0)
     rc, _, err = generate("--output_dir", runs, *FLAGS, *NET_FLAGS, "--n_samples", 2, "--out", runs / "em_knobs",
                           "--order", 3)

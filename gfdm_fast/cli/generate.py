@@ -192,10 +192,18 @@ def run(args):
     fid_sink = FIDSink(args.fid_ref, args.inception_weights, device) if args.fid_ref else None
 
     dist.init(device)
+    sampler.share_table(dist)
     if dist.rank == 0:
         print(f"Sampling {n} images {shape} from {src.path} ({'EMA' if ckpt.used_ema else 'online'} weights, "
               f"{dyn!r}, {args.mode}, {args.steps} steps, seed {args.seed}) on {device}"
               + (f" x {dist.world} processes" if dist.world > 1 else ""), flush=True)
+        if args.solver == "exp":
+            opts = sampler.solver_options
+            trials = len(sampler.pilot_errors)
+            kept = f", order {opts['order']} and residual share {opts['residual_share']} kept of {trials}" \
+                if trials else ""
+            pilot = f" (pilot: {sampler.pilot_nfe} network calls{kept})" if sampler.pilot_nfe else ""
+            print(f"exp solver: order {opts['order']}, grid {opts['grid']}{pilot}", flush=True)
     sinks, shards, official = [], None, None
     try:
         if args.out:
