@@ -115,9 +115,10 @@ def time_grid(dyn: Dynamics, steps, *, eps=1e-3, grid="logsnr", rho=2.0, mode="o
 # The residual share (stop 21) is sde's: its sensitivity to d at high noise is small (0.002-0.07 per unit log-SNR
 # above lambda = 1, against ~2 where modes resolve: the sde forgets), so without it the MNIST network's first step
 # spans lambda 3.1 -> 1.0, and class decisions made there are lost (judge FD 41.8 against the log-SNR grid's 29.8;
-# a hand-made grid whose only change is a first step to lambda 2.0: 27.9). Per-pixel laws are near-Gaussian up
-# there (residual change 0.002 at lambda = 3 against a peak of 0.3), digits are not (1.9 against 0.6), so the
-# share moves the first steps for the digits only.
+# grids whose first step ends at lambda 1.7-2.2, hand-made or blended, gave 26.8-29.7). Per-pixel laws are
+# near-Gaussian up there (residual change 0.002 at lambda = 3 against a peak of 0.3), digits are not (1.9 against
+# 0.6), so the share moves the first steps for the digits only. It also makes ode's order "auto" a choice of the
+# share (AUTO_RESIDUAL_SHARES below).
 ADAPTIVE_POWER = 0.5
 ADAPTIVE_FLOOR = 0.001
 ADAPTIVE_UNIFORM = {"ode": 0.3, "sde": 0.0}
@@ -127,6 +128,14 @@ ADAPTIVE_RESIDUAL = {"ode": 0.0, "sde": 0.2}
 # 19.5 / 14.8 with 0.2, while FVP H0.9 K3 goes 13.6 -> 23.7 and the MNIST network 15.4 -> 18.7 (both kept at 0 by
 # the pilot's comparison); the sde pilot cannot compare paths (its noise), so sde keeps its one share.
 AUTO_RESIDUAL_SHARES = (0.0, 0.2)
+
+
+def residual_shares(mode, sigma_data, auto=False):
+    """The residual shares a run may use: ADAPTIVE_RESIDUAL[mode], or with order "auto" AUTO_RESIDUAL_SHARES;
+    none (0) when sigma_data = 0: no Gaussian part to tell the residual from d (k = 0, the residual is d)."""
+    if not sigma_data > 0:
+        return (0.0,)
+    return AUTO_RESIDUAL_SHARES if auto else (ADAPTIVE_RESIDUAL[mode],)
 _SENSITIVITY_POINTS = 2000
 _SENSITIVITY_CACHE = {}
 
@@ -188,25 +197,22 @@ def adaptive_grid(dyn: Dynamics, steps, act_t, act, residual=None, *, eps=1e-3, 
                   share=None):
     """steps+1 times from T to eps that equidistribute (sensitivity x activity) ** ADAPTIVE_POWER per unit
     log-SNR; ``act`` (>= 0) is |dd/dlog-SNR| measured at times ``act_t`` (any order; held constant beyond),
-    ``residual`` the same for d - k x_in (``gauss_gain``), blended in with ``share`` (in [0, 1); default
-    ADAPTIVE_RESIDUAL[mode]; ode's order "auto" tries AUTO_RESIDUAL_SHARES). With sigma_data = 0 there is no
-    Gaussian part (k = 0, the residual is d itself): no share."""
+    ``residual`` the same for d - k x_in (``gauss_gain``), blended in with ``share`` (in [0, 1); default and
+    the sigma_data = 0 rule: ``residual_shares``)."""
     times = act_t
     act_t, act = _rates(times, act, "activity")
     if not act.max() > 0:
         raise ValueError("the pilot run's data prediction never changed: the network output is constant")
-    share = ADAPTIVE_RESIDUAL[mode] if share is None else float(share)
-    if not 0.0 <= share < 1.0:
+    if share is not None and not 0.0 <= float(share) < 1.0:
         raise ValueError(f"the residual share must lie in [0, 1), got {share!r}")
+    share = residual_shares(mode, sigma_data)[0] if share is None or not sigma_data > 0 else float(share)
     if residual is not None:
         res_t, res = _rates(times, residual, "residual activity")
-    if not sigma_data > 0:
-        share = 0.0
     if share and residual is None:
         raise ValueError(f"the {mode} adaptive grid also follows the non-Gaussian part of d: pass activity=(times, "
                          "rates, residual rates), as Sampler's pilot measures it")
     key = (tuple(sorted(dyn.config().items())), dyn.pd_eps, float(eps), mode, float(sigma_data))
-    if key not in _SENSITIVITY_CACHE:     # per process and dynamics: order auto builds two tables on one grid
+    if key not in _SENSITIVITY_CACHE:     # per process and dynamics: order auto builds four tables on two grids
         dense = np.geomspace(eps, dyn.T, _SENSITIVITY_POINTS)
         _SENSITIVITY_CACHE[key] = (dense, *sensitivity(_exact_twin(dyn), dense, mode=mode, sigma_data=sigma_data))
     dense, kern, lam = _SENSITIVITY_CACHE[key]

@@ -196,13 +196,11 @@ class Sampler:
                                                  time_weight=self.time_weight, device=self.device, **opts)
             return
         activity, reference, labels = self._pilot(shape)
-        # (order, residual share); no share without a Gaussian part to tell the residual from d (sigma_data 0)
-        default_share = expint.ADAPTIVE_RESIDUAL[self.mode] if opts["sigma_data"] > 0 else 0.0
-        candidates = [(opts["order"], default_share)]
+        default_share = expint.residual_shares(self.mode, opts["sigma_data"])[0]
+        candidates = [(opts["order"], default_share)]                       # (order, residual share)
         if opts["order"] == "auto":          # past PILOT_MAX_STEPS / 4 steps the pilot is no finer than the run
-            shares = expint.AUTO_RESIDUAL_SHARES if opts["sigma_data"] > 0 else (0.0,)
-            candidates = [(o, share) for share in shares for o in (2, 3)] \
-                if 4 * self.steps <= PILOT_MAX_STEPS else [(3, default_share)]
+            candidates = [(o, share) for share in expint.residual_shares(self.mode, opts["sigma_data"], auto=True)
+                          for o in (2, 3)] if 4 * self.steps <= PILOT_MAX_STEPS else [(3, default_share)]
         tables, errors = {}, {}
         for order, share in candidates:
             table = expint.build_exp_table(self.dyn, self.steps, mode=self.mode, eps=self.eps,
@@ -253,11 +251,10 @@ class Sampler:
         def recording(x, s, y=None):        # d and d - k x_in of each call, kept only until the next one
             e = self.network(x, s, y)
             t = float(s.reshape(-1)[0]) / self.time_weight
-            inv_c, sig_over_c = expint.denoise_coefficients(self.dyn, t)
             st = self.dyn.marginal_stats([t])
-            gain = float(expint.gauss_gain(st.mean_scale.item(), st.sigma_c.item(), sigma_data))
-            d = inv_c * x.double() - sig_over_c * e.double()
-            residual = d - gain * x.double()
+            c, sig = st.mean_scale.item(), st.sigma_c.item()
+            d = (x.double() - sig * e.double()) / c                     # Tweedie's data prediction
+            residual = d - float(expint.gauss_gain(c, sig, sigma_data)) * x.double()
             if prev[0] is not None:
                 change.append(float((d - prev[0][0]).abs().mean()))
                 residual_change.append(float((residual - prev[0][1]).abs().mean()))
@@ -268,7 +265,7 @@ class Sampler:
         steps = min(max(PILOT_STEPS, 4 * self.steps), PILOT_MAX_STEPS)
         pilot = Sampler(self.dyn, recording, steps=steps, mode=self.mode, eps=self.eps, time_weight=self.time_weight,
                         backend=self.backend, solver="exp", device=self.device, order=3 if self.mode == "ode" else 2,
-                        grid="logsnr")
+                        grid="logsnr", sigma_data=sigma_data)
         reference = pilot.sample(PILOT_IMAGES, shape, seed=PILOT_SEED, labels=labels, batch_size=PILOT_IMAGES)
         self.pilot_nfe = steps * PILOT_IMAGES
         t = np.array(times)
